@@ -1,0 +1,132 @@
+"""Where models get their large layers from.
+
+Model code asks a :class:`LayerFactory` for its projections, embeddings, norms and loss instead of building
+``nn.Linear`` itself. :class:`LocalLayers` (here) returns plain torch modules; ``parallel.tensor`` returns
+megatron-core tensor-parallel layers (plus sequence parallelism) behind the same calls. That is the whole
+difference between a single-process model and a tensor-parallel one: the block code is shared.
+
+Shapes are ``[batch, seq, features]``. "Local" means this rank's shard:
+
+* ``column(i, o)``: input full, output is this rank's ``o / tp`` features (heads, MLP columns).
+* ``row(i, o)``: input is this rank's ``i / tp`` features, output full ``o`` (summed over ranks).
+* ``embedding(v, d)``: vocab split over ranks, output full ``d``.
+* ``lm_head``: logits over this rank's ``v / tp`` vocab entries; ``cross_entropy`` consumes them.
+* ``scatter_sequence`` / ``gather_sequence``: enter/leave the sequence-parallel region (no-ops here).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class TiedHead(nn.Module):
+    """Output projection sharing the (possibly vocab-sharded) embedding matrix."""
+
+    def __init__(self, embedding: nn.Module):
+        super().__init__()
+        self._embedding = [embedding]  # a list keeps the embedding from being registered twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._embedding[0].weight)
+
+
+def init_normal_(weight: torch.Tensor, std: float) -> torch.Tensor:
+    return nn.init.normal_(weight, mean=0.0, std=std)
+
+
+class LayerFactory:
+    """Interface; see the module docstring. ``tp_size``/``tp_rank`` describe the tensor-parallel group."""
+
+    tp_size: int = 1
+    tp_rank: int = 0
+
+    def column(self, in_features: int, out_features: int, bias: bool, init_std: float) -> nn.Module:
+        raise NotImplementedError
+
+    def row(self, in_features: int, out_features: int, bias: bool, init_std: float) -> nn.Module:
+        raise NotImplementedError
+
+    def embedding(self, num_embeddings: int, dim: int, init_std: float) -> nn.Module:
+        raise NotImplementedError
+
+    def lm_head(self, dim: int, vocab_size: int, init_std: float, tied_to: nn.Module | None = None) -> nn.Module:
+        raise NotImplementedError
+
+    def norm(self, dim: int, kind: str = "rmsnorm", eps: float = 1e-6, bias: bool = True) -> nn.Module:
+        """Norms are replicated; under sequence parallelism their grads need a tensor-group all-reduce."""
+        if kind == "rmsnorm":
+            return RMSNorm(dim, eps)
+        if kind == "layernorm":
+            return nn.LayerNorm(dim, eps=eps, bias=bias)
+        raise ValueError(f"unknown norm kind {kind!r} (expected 'rmsnorm' or 'layernorm')")
+
+    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token loss (no reduction) from this rank's vocab shard of ``logits``."""
+        raise NotImplementedError
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Full-vocab logits from this rank's shard (for evaluation and export)."""
+        raise NotImplementedError
+
+    def scatter_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def gather_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def local_heads(self, num_heads: int) -> int:
+        if num_heads % self.tp_size:
+            raise ValueError(f"{num_heads} heads do not split over tensor-parallel size {self.tp_size}")
+        return num_heads // self.tp_size
+
+
+class LocalLayers(LayerFactory):
+    """Single-process layers: plain ``nn.Linear`` / ``nn.Embedding`` / ``F.cross_entropy``."""
+
+    def column(self, in_features, out_features, bias, init_std):
+        return self._linear(in_features, out_features, bias, init_std)
+
+    def row(self, in_features, out_features, bias, init_std):
+        return self._linear(in_features, out_features, bias, init_std)
+
+    @staticmethod
+    def _linear(in_features, out_features, bias, init_std):
+        layer = nn.Linear(in_features, out_features, bias=bias)
+        init_normal_(layer.weight, init_std)
+        if bias:
+            nn.init.zeros_(layer.bias)
+        return layer
+
+    def embedding(self, num_embeddings, dim, init_std):
+        emb = nn.Embedding(num_embeddings, dim)
+        init_normal_(emb.weight, init_std)
+        return emb
+
+    def lm_head(self, dim, vocab_size, init_std, tied_to=None):
+        return TiedHead(tied_to) if tied_to is not None else self._linear(dim, vocab_size, False, init_std)
+
+    def cross_entropy(self, logits, labels):
+        return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), reduction="none").view_as(labels)
+
+    def gather_logits(self, logits):
+        return logits
+
+
+def scaled_init_std(base_std: float, num_layers: int) -> float:
+    """GPT-2 / Megatron "scaled init" for output projections feeding the residual stream."""
+    return base_std / math.sqrt(2.0 * num_layers)
