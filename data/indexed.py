@@ -18,6 +18,7 @@ We write one sequence per document, as Megatron's preprocessing does without sen
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -172,3 +173,28 @@ class IndexedDataset:
         length = n - offset if length is None else length
         start = int(self.sequence_pointers[i]) // self.dtype.itemsize + offset
         return self._bin[start:start + length]
+
+
+def merge_shards(prefixes: list[str | Path], output: str | Path) -> IndexedDataset:
+    """Concatenate shards (same dtype) into ``output``, streaming the ``.bin`` files; atomic like the writer."""
+    shards = [IndexedDataset(p) for p in prefixes]
+    for shard in shards[1:]:
+        if shard.dtype != shards[0].dtype:
+            raise ShardError(f"{idx_path(shard.prefix)}: dtype {shard.dtype} differs from "
+                             f"{idx_path(shards[0].prefix)}'s {shards[0].dtype}; cannot merge")
+    tmp_bin, tmp_idx = Path(f"{output}.bin.tmp"), Path(f"{output}.idx.tmp")
+    try:
+        with open(tmp_bin, "wb") as out:
+            for shard in shards:
+                with open(bin_path(shard.prefix), "rb") as f:
+                    shutil.copyfileobj(f, out, 16 << 20)
+        lengths = np.concatenate([s.sequence_lengths for s in shards])
+        offsets = np.cumsum([0] + [len(s) for s in shards[:-1]])
+        docs = np.concatenate([[0]] + [s.document_indices[1:] + o for s, o in zip(shards, offsets)])
+        write_index(tmp_idx, shards[0].dtype, lengths, docs)
+        os.replace(tmp_bin, bin_path(output))
+        os.replace(tmp_idx, idx_path(output))
+    finally:
+        tmp_bin.unlink(missing_ok=True)
+        tmp_idx.unlink(missing_ok=True)
+    return IndexedDataset(output)

@@ -55,7 +55,10 @@ class LayerFactory:
     tp_size: int = 1
     tp_rank: int = 0
 
-    def column(self, in_features: int, out_features: int, bias: bool, init_std: float) -> nn.Module:
+    def column(self, in_features: int, out_features: int, bias: bool, init_std: float,
+               stride: int = 1) -> nn.Module:
+        """``stride``: number of equal sections fused in the output (2 for ``[gate; up]``); each tensor rank
+        keeps its slice of every section (Megatron's ``partition_stride``)."""
         raise NotImplementedError
 
     def row(self, in_features: int, out_features: int, bias: bool, init_std: float) -> nn.Module:
@@ -98,7 +101,7 @@ class LayerFactory:
 class LocalLayers(LayerFactory):
     """Single-process layers: plain ``nn.Linear`` / ``nn.Embedding`` / ``F.cross_entropy``."""
 
-    def column(self, in_features, out_features, bias, init_std):
+    def column(self, in_features, out_features, bias, init_std, stride=1):
         return self._linear(in_features, out_features, bias, init_std)
 
     def row(self, in_features, out_features, bias, init_std):

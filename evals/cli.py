@@ -1,0 +1,59 @@
+"""``pretrain eval``: zero/few-shot evaluation of a checkpoint or HF model; prints and writes the results table.
+
+    pretrain eval --hf HF_DIR --tasks kjv_cont,kjv_ppl --num-fewshot 0,5 --limit 100 --output results.json
+    pretrain eval --checkpoint runs/tiny/checkpoints --tasks kjv_cont --output results.json
+
+Under ``torchrun`` every rank scores its share of the requests (gloo on CPU, nccl on GPU); rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import torch
+
+from evals.harness import evaluate_tasks
+from evals.metrics import markdown_table, write_results
+from evals.model import load_model
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="our checkpoint: a step directory or a checkpoint root (uses latest)")
+    src.add_argument("--hf", help="a Hugging Face causal-LM directory")
+    p.add_argument("--tokenizer", help="tokenizer for --checkpoint (default: the training config's data.tokenizer)")
+    p.add_argument("--tasks", required=True, help="comma-separated task names or YAML paths")
+    p.add_argument("--include", action="append", default=[], help="extra directory of task YAMLs (repeatable)")
+    p.add_argument("--num-fewshot", default="0", help="few-shot counts, e.g. 0 or 0,1,5")
+    p.add_argument("--limit", type=int, help="evaluate only the first N items of each task")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, help="context length (default: from the model config)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--output", required=True, help="results JSON path (the markdown table goes next to it)")
+    p.add_argument("--log-samples", action="store_true", help="also store per-item scores in the JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    shots = [int(k) for k in args.num_fewshot.split(",")]
+    if any(k < 0 for k in shots):
+        raise SystemExit(f"--num-fewshot: counts must be >= 0, got {args.num_fewshot}")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    model = load_model(args.checkpoint, args.hf, args.tokenizer, args.device, args.max_length)
+    rank = torch.distributed.get_rank() if distributed else 0
+    results = evaluate_tasks(model, [t for t in args.tasks.split(",") if t], shots, args.limit, args.batch_size,
+                             args.include, progress=rank == 0, log_samples=args.log_samples)
+    results["model"] = args.checkpoint or args.hf
+    if rank == 0:
+        print(markdown_table(results))
+        md = write_results(results, args.output)
+        print(f"wrote {args.output} and {md}")
+        if results["truncated"]:
+            print(f"warning: {results['truncated']} requests were longer than the context and truncated from the left")
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return 0

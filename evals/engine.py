@@ -1,0 +1,213 @@
+"""Scoring engine: turns (context, continuation) requests into log-likelihoods, fast and batch-size stable.
+
+Conventions are lm-evaluation-harness's (``hf`` backend), so the numbers are the same:
+
+* a pair is encoded as ``encode(context + continuation)`` split at ``len(encode(context))``, with trailing
+  spaces of the context moved into the continuation; an empty context becomes the prefix token;
+* the model input is ``(context + continuation)[-(max_length + 1):][:-1]`` (left truncation, counted here);
+* rolling log-likelihoods use disjoint windows of ``max_length`` tokens, each conditioned on the previous
+  token, the first on the prefix token.
+
+Where it differs is speed: requests whose model input is a prefix of another request's input (MMLU-style
+one-token answers, repeated contexts) share one forward pass; logits are computed only for the positions that
+are scored; tokenisation is one batched call; an input is right-padded to a width fixed by its own length and batched only with inputs
+of that width, so a request's numbers do not depend on the batch size or on the other requests (bit-identical
+on CPU; lm-eval's depend on its batch padding, lm-eval#1645).
+With ``torch.distributed`` initialised, ranks split the forward passes and exchange results.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from evals.model import EvalModel
+
+log = logging.getLogger(__name__)
+
+TokenPair = tuple[list[int], list[int]]
+PAD_MULTIPLE = 16  # right padding granularity: larger batches vs wasted positions
+
+
+def rolling_windows(tokens: list[int], prefix_token: int, max_length: int) -> list[TokenPair]:
+    """lm-eval's ``get_rolling_token_windows(context_len=1)`` + ``make_disjoint_window``: (context, target)
+    pairs that score every token exactly once, each window seeing at most ``max_length`` tokens."""
+    if not tokens:
+        return []
+    first = min(max_length, len(tokens))
+    windows = [([prefix_token], tokens[:first])]
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, max_length)
+        end = done + n
+        window = tokens[max(end - max_length - 1, 0):end - 1]
+        windows.append((window[: len(window) - (n - 1)], tokens[end - n:end]))
+        done = end
+    return windows
+
+
+@dataclass
+class _Row:
+    """One forward-pass sequence and the requests that read their scores from it."""
+    input_ids: list[int]
+    readers: list[tuple[int, int, list[int]]]  # (request index, end position in input, continuation)
+
+
+class Engine:
+    """Batched scorer over an :class:`EvalModel`. ``truncated`` counts left-truncated requests."""
+
+    def __init__(self, model: EvalModel, batch_size: int = 16, progress: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.batch_size, self.progress = model, batch_size, progress
+        self.truncated = 0
+
+    # ---- tokenisation ---------------------------------------------------------------------------------------
+    def encode_pairs(self, pairs: list[tuple[str, str]]) -> list[TokenPair]:
+        moved = []
+        for ctx, cont in pairs:
+            n = len(ctx) - len(ctx.rstrip())
+            moved.append((ctx[:-n], ctx[-n:] + cont) if n else (ctx, cont))
+        texts = [c + t for c, t in moved] + [c for c, _ in moved if c]
+        encoded = iter(self.model.encode_batch(texts))
+        wholes = [next(encoded) for _ in moved]
+        out = []
+        for (ctx, cont), whole in zip(moved, wholes):
+            if ctx:
+                n_ctx = len(next(encoded))
+                out.append((whole[:n_ctx], whole[n_ctx:]))
+            else:  # lm-eval: the continuation alone, without special tokens, after the prefix token
+                cont_ids = self._encode_plain(cont)
+                out.append(([self.model.prefix_token_id], cont_ids) if cont_ids[:1] != [self.model.prefix_token_id]
+                           else (cont_ids[:1], cont_ids[1:]))
+        return out
+
+    def _encode_plain(self, text: str) -> list[int]:
+        tok = getattr(self.model, "tokenizer", None)
+        return tok.encode(text, add_special_tokens=False) if tok is not None else self.model.encode(text)
+
+    # ---- public request types -------------------------------------------------------------------------------
+    def loglikelihood(self, pairs: list[tuple[str, str]], desc: str = "loglikelihood") -> list[tuple[float, bool]]:
+        return self.loglikelihood_tokens(self.encode_pairs(pairs), desc)
+
+    def loglikelihood_rolling(self, texts: list[str], desc: str = "rolling") -> list[tuple[float, int]]:
+        """Total log-likelihood and token count of each text."""
+        token_lists = self.model.encode_batch(texts)
+        windows, owner = [], []
+        for i, tokens in enumerate(token_lists):
+            for w in rolling_windows(tokens, self.model.prefix_token_id, self.model.max_length):
+                windows.append(w)
+                owner.append(i)
+        totals = [0.0] * len(texts)
+        for i, (ll, _) in zip(owner, self.loglikelihood_tokens(windows, desc)):
+            totals[i] += ll
+        return [(totals[i], len(t)) for i, t in enumerate(token_lists)]
+
+    def generate_until(self, contexts: list[str], until: list[str], max_gen_toks: int,
+                       desc: str = "generate") -> list[str]:
+        """Greedy generation; the output is cut at the first stop string. Identical contexts run once."""
+        stops = list(until) + [self.model.decode([self.model.eot_token_id])]
+        stops = [s for s in stops if s]
+        unique = sorted(set(contexts), key=lambda c: -len(c))
+        keep = self.model.max_length - max_gen_toks
+        mine = self._my_share(list(range(len(unique))))
+        done: dict[int, str] = {}
+        for j in tqdm(mine, desc=desc, disable=not self.progress, unit="req"):
+            ids = self.model.encode(unique[j])
+            if len(ids) > keep:
+                self.truncated += 1
+                ids = ids[-keep:]
+            text = self.model.decode(self.model.greedy_generate(ids, max_gen_toks, stops))
+            for s in stops:
+                text = text.split(s)[0]
+            done[j] = text
+        done = self._gather(done)
+        by_ctx = {unique[j]: t for j, t in done.items()}
+        return [by_ctx[c] for c in contexts]
+
+    # ---- core -----------------------------------------------------------------------------------------------
+    def loglikelihood_tokens(self, requests: list[TokenPair], desc: str = "loglikelihood") -> list[tuple[float, bool]]:
+        rows = sorted(self._plan(requests), key=lambda r: (-len(r.input_ids), r.input_ids))
+        # Rows are padded to a width that depends on their own length only (next multiple of PAD_MULTIPLE) and
+        # share a batch only with rows of that width: every row is computed with the same shapes and values
+        # whatever the batch size or the other requests (the batch dimension does not change the numbers).
+        batches: list[list[_Row]] = []
+        for row in rows:
+            if not batches or len(batches[-1]) == self.batch_size or self._width(batches[-1][0]) != self._width(row):
+                batches.append([])
+            batches[-1].append(row)
+        mine = [batches[b] for b in self._my_share(list(range(len(batches))))]
+        results: dict[int, tuple[float, bool]] = {}
+        bar = tqdm(total=sum(len(r.readers) for b in mine for r in b), desc=desc, disable=not self.progress, unit="req")
+        for batch in mine:
+            results.update(self._score_batch(batch))
+            bar.update(sum(len(row.readers) for row in batch))
+        bar.close()
+        results = self._gather(results)
+        return [results[i] for i in range(len(requests))]
+
+    def _plan(self, requests: list[TokenPair]) -> list[_Row]:
+        """One row per distinct model input that is not a prefix of another input."""
+        L = self.model.max_length
+        inputs = []
+        for i, (ctx, cont) in enumerate(requests):
+            if not ctx or not cont:
+                raise ValueError(f"request {i}: empty context or continuation tokens (ctx={ctx}, cont={cont})")
+            if len(cont) > L:
+                raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds max_length {L}")
+            if len(ctx) + len(cont) > L + 1:
+                self.truncated += 1
+            inputs.append(tuple((ctx + cont)[-(L + 1):][:-1]))
+        # In lexicographic order, an input that is a prefix of some other input is directly followed by an
+        # input starting with it; walking backwards assigns every input the longest one it is a prefix of.
+        lex = sorted(set(inputs))
+        owner: dict[tuple, tuple] = {}
+        for k in range(len(lex) - 1, -1, -1):
+            nxt = lex[k + 1] if k + 1 < len(lex) else None
+            owner[lex[k]] = owner[nxt] if nxt is not None and nxt[:len(lex[k])] == lex[k] else lex[k]
+        rows: dict[tuple, _Row] = {}
+        for i, inp in enumerate(inputs):
+            key = owner[inp]
+            row = rows.setdefault(key, _Row(list(key), []))
+            row.readers.append((i, len(inp), requests[i][1]))
+        return list(rows.values())
+
+    def _width(self, row: _Row) -> int:
+        return min(-(-len(row.input_ids) // PAD_MULTIPLE) * PAD_MULTIPLE, self.model.max_length)
+
+    def _score_batch(self, batch: list[_Row]) -> dict[int, tuple[float, bool]]:
+        ids = torch.full((len(batch), self._width(batch[0])), self.model.prefix_token_id, dtype=torch.long)
+        for b, row in enumerate(batch):
+            ids[b, :len(row.input_ids)] = torch.tensor(row.input_ids)
+        starts = [min(end - len(cont) for _, end, cont in row.readers) for row in batch]
+        out = {}
+        for row, start, logits in zip(batch, starts, self.model.logits(ids, starts)):
+            logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
+            for i, end, cont in row.readers:
+                lp = logprobs[end - len(cont) - start:end - start]
+                target = torch.tensor(cont)
+                out[i] = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+        return out
+
+    # ---- data parallel --------------------------------------------------------------------------------------
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _my_share(self, items: list[int]) -> list[int]:
+        rank, world = self._world()
+        return items[rank::world]  # round-robin over a length-sorted list keeps ranks balanced
+
+    def _gather(self, part: dict) -> dict:
+        rank, world = self._world()
+        if world == 1:
+            return part
+        parts: list[dict] = [None] * world  # type: ignore[list-item]
+        torch.distributed.all_gather_object(parts, part)
+        return {k: v for p in parts for k, v in p.items()}

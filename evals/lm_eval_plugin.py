@@ -1,0 +1,65 @@
+"""Our scoring engine as an lm-evaluation-harness model named ``pretrain``, so every lm-eval task runs on our
+checkpoints (and on any HF directory through our engine).
+
+lm-eval 0.4.13 finds models only in its registry (no entry-point discovery), so the class must be registered
+before lm-eval resolves ``--model``. Importing this module does that. From the shell use this module as the
+``lm-eval`` command::
+
+    python -m evals.lm_eval_plugin run --model pretrain --model_args checkpoint=CKPT_DIR --tasks hellaswag
+    python -m evals.lm_eval_plugin run --model pretrain --model_args hf=HF_DIR,batch_size=32 --tasks ...
+
+and from Python ``import evals.lm_eval_plugin`` before ``lm_eval.simple_evaluate(model="pretrain", ...)``.
+``model_args``: ``checkpoint`` or ``hf``, optional ``tokenizer``, ``max_length``, ``device``.
+"""
+
+from __future__ import annotations
+
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from evals.engine import Engine
+from evals.model import EvalModel, load_model
+
+
+@register_model("pretrain")
+class PretrainLM(LM):
+    def __init__(self, checkpoint: str | None = None, hf: str | None = None, tokenizer: str | None = None,
+                 max_length: int | None = None, device: str | None = None, batch_size: int | str | None = 16,
+                 model: EvalModel | None = None, **_ignored):
+        super().__init__()
+        self.eval_model = model or load_model(checkpoint, hf, tokenizer, device or "cpu",
+                                              int(max_length) if max_length else None)
+        bs = int(batch_size) if str(batch_size or "").isdigit() else 16  # "auto" -> default
+        self.engine = Engine(self.eval_model, batch_size=bs)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        self.engine.progress = not disable_tqdm
+        return self.engine.loglikelihood([r.args for r in requests])
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        self.engine.progress = not disable_tqdm
+        return [ll for ll, _ in self.engine.loglikelihood_rolling([r.args[0] for r in requests])]
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        self.engine.progress = not disable_tqdm
+        out: list[str | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            kw = r.args[1] or {}
+            until = kw.get("until") or []
+            groups.setdefault((tuple([until] if isinstance(until, str) else until),
+                               int(kw.get("max_gen_toks", 256))), []).append(i)
+        for (until, max_gen), idx in groups.items():
+            for i, text in zip(idx, self.engine.generate_until([requests[i].args[0] for i in idx], list(until), max_gen)):
+                out[i] = text
+        return out  # type: ignore[return-value]
+
+
+def main() -> None:
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

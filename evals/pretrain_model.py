@@ -1,0 +1,84 @@
+"""Our own GPT models (live during training, or loaded from a checkpoint) behind :class:`EvalModel`.
+
+Tokens are encoded without special tokens, as in training, and the prefix token is BOS (EOS when the
+tokenizer has none): the same convention lm-eval's ``hf`` backend applies to the exported HF model, whose
+tokenizer adds no BOS either, so both give the same numbers. Logits come from ``model.hidden`` + ``model.head``
+on the scored positions only; under tensor parallelism ``gather_logits`` assembles the full vocabulary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from evals.model import EvalModel
+
+
+class PretrainModel(EvalModel):
+    def __init__(self, model: torch.nn.Module, tokenizer, max_length: int | None = None):
+        if not hasattr(model, "hidden") or not hasattr(model, "head"):
+            raise TypeError(f"{type(model).__name__} is not a decoder-only model (needs hidden() and head); "
+                            "encoder-decoder models are not supported by the scoring engine yet")
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.max_length = max_length or model.cfg.max_seq_len
+        self.prefix_token_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        self.eot_token_id = tokenizer.eos_id if tokenizer.eos_id is not None else self.prefix_token_id
+        if self.prefix_token_id is None:
+            raise ValueError(f"{tokenizer}: no BOS or EOS token to condition empty contexts on")
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [a.tolist() for a in self.tokenizer.encode_batch(texts)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i not in (self.tokenizer.bos_id, self.tokenizer.eos_id)])
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, starts: list[int]) -> list[torch.Tensor]:
+        was_training = self.model.training
+        self.model.eval()
+        h, _ = self.model.hidden(input_ids.to(self.device))
+        out = [self.model.layers.gather_logits(self.model.head(h[b, s:])) for b, s in enumerate(starts)]
+        self.model.train(was_training)
+        return out
+
+    @torch.inference_mode()
+    def greedy_generate(self, ids: list[int], max_new_tokens: int, stop: list[str]) -> list[int]:
+        was_training = self.model.training
+        self.model.eval()
+        cache = self.model.new_cache(1, len(ids) + max_new_tokens)
+        step, new = torch.tensor([ids], device=self.device), []
+        for _ in range(max_new_tokens):
+            token = int(self.model.logits(step, cache=cache)[0, -1].argmax())
+            new.append(token)
+            if token == self.eot_token_id or (stop and any(s in self.decode(new) for s in stop)):
+                break
+            step = torch.tensor([[token]], device=self.device)
+        self.model.train(was_training)
+        return new
+
+
+def load_checkpoint_model(path: str | Path, tokenizer: str | Path | None = None,
+                          device: str = "cpu", max_length: int | None = None) -> PretrainModel:
+    """A single-shard checkpoint (``DIR/step_N`` or a checkpoint root with ``latest``) as an EvalModel.
+    The tokenizer defaults to the one the training config names (``data.tokenizer``)."""
+    from data.tokenizer import load_tokenizer
+    from pretrain.checkpoint import load_checkpoint, resolve
+    from pretrain.models import build_model
+
+    step_dir = resolve(path, str(path))
+    state, _, meta = load_checkpoint(step_dir, rank=0)
+    if meta.get("world_size", 1) != 1:
+        raise ValueError(f"{step_dir} was saved by {meta['world_size']} ranks; consolidate it first "
+                         "(`pretrain ckpt`) or evaluate the exported HF model with --hf")
+    model_cfg = dict(meta["config"]["model"])
+    model = build_model(model_cfg.pop("family"), model_cfg)
+    model.load_state_dict(state)
+    tok_path = tokenizer or meta["config"].get("data", {}).get("tokenizer")
+    if not tok_path:
+        raise ValueError(f"{step_dir}: the training config names no data.tokenizer; pass --tokenizer")
+    return PretrainModel(model.to(device).eval(), load_tokenizer(tok_path), max_length)

@@ -1,0 +1,152 @@
+"""The process mesh: data x pipeline x tensor groups (plus expert groups inside data) from world size + layout.
+
+Rank order is Megatron's and DeepSpeed's (tensor fastest, then data, then pipeline)::
+
+    rank = tp_rank + tp * (dp_rank + dp * pp_rank)
+
+so the ``tp`` ranks of one tensor group sit on one node. Expert parallelism splits the data dimension, as in
+Megatron and DeepSpeed-MoE: ``dp = ep * expert_dp``; consecutive data ranks form an expert group (they hold
+different experts and exchange tokens), and ranks with the same expert index form the expert-data-parallel
+group (over which expert gradients are averaged).
+
+Groups are plain ``torch.distributed`` groups, so the same code runs on gloo (CPU) and NCCL (GPU). Every rank
+creates every group in the same order, as ``new_group`` requires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes of each dimension; ``dp`` is what is left of the world after tensor and pipeline."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def expert_dp(self) -> int:
+        return self.dp // self.ep
+
+    @classmethod
+    def from_world(cls, world_size: int, tp: int = 1, pp: int = 1, ep: int = 1) -> Layout:
+        if world_size % (tp * pp):
+            raise ValueError(f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}")
+        dp = world_size // (tp * pp)
+        if dp % ep:
+            raise ValueError(f"expert parallel size {ep} must divide the data-parallel size {dp} "
+                             f"(world {world_size} / tp {tp} / pp {pp})")
+        return cls(tp=tp, pp=pp, dp=dp, ep=ep)
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """``(pp_rank, dp_rank, tp_rank)`` of a global rank."""
+        return rank // (self.tp * self.dp), (rank // self.tp) % self.dp, rank % self.tp
+
+    def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
+        return tp_rank + self.tp * (dp_rank + self.dp * pp_rank)
+
+    def groups(self) -> dict[str, list[list[int]]]:
+        """Rank lists of every group kind, in a fixed order (the order ``new_group`` is called in)."""
+        r = range
+        out: dict[str, list[list[int]]] = {
+            "tp": [[self.rank_of(p, d, t) for t in r(self.tp)] for p in r(self.pp) for d in r(self.dp)],
+            "dp": [[self.rank_of(p, d, t) for d in r(self.dp)] for p in r(self.pp) for t in r(self.tp)],
+            "pp": [[self.rank_of(p, d, t) for p in r(self.pp)] for d in r(self.dp) for t in r(self.tp)],
+            # tensor x pipeline: everything that holds one model replica (DeepSpeed's "model parallel")
+            "mp": [[self.rank_of(p, d, t) for p in r(self.pp) for t in r(self.tp)] for d in r(self.dp)],
+        }
+        out["ep"] = [g[i * self.ep:(i + 1) * self.ep] for g in out["dp"] for i in r(self.expert_dp)]
+        out["edp"] = [g[i::self.ep] for g in out["dp"] for i in r(self.ep)]
+        return out
+
+
+class Mesh:
+    """This rank's process groups and coordinates. Build once per process after ``init_process_group``."""
+
+    def __init__(self, layout: Layout):
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed must be initialized before building the mesh")
+        if dist.get_world_size() != layout.world_size:
+            raise ValueError(f"layout {layout} needs {layout.world_size} processes, "
+                             f"but the world has {dist.get_world_size()}")
+        self.layout = layout
+        self.rank = dist.get_rank()
+        self.pp_rank, self.dp_rank, self.tp_rank = layout.coords(self.rank)
+        self.ep_rank = self.dp_rank % layout.ep
+        self.edp_rank = self.dp_rank // layout.ep
+        self.ranks: dict[str, list[int]] = {}
+        self._groups: dict[str, ProcessGroup] = {}
+        for kind, rank_lists in layout.groups().items():
+            for ranks in rank_lists:
+                group = dist.new_group(ranks)  # collective: every rank calls it for every group
+                if self.rank in ranks:
+                    self.ranks[kind], self._groups[kind] = ranks, group
+
+    def group(self, kind: str) -> ProcessGroup:
+        """``kind``: tp, dp, pp, mp (tensor x pipeline), ep (expert), edp (expert data parallel)."""
+        return self._groups[kind]
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.layout.pp - 1
+
+    def __repr__(self) -> str:
+        lay = self.layout
+        return (f"Mesh(rank={self.rank}, tp={self.tp_rank}/{lay.tp}, dp={self.dp_rank}/{lay.dp}, "
+                f"pp={self.pp_rank}/{lay.pp}, ep={self.ep_rank}/{lay.ep})")
+
+
+class DeepSpeedMPU:
+    """The ``mpu`` object DeepSpeed asks for the tensor/pipeline/data groups.
+
+    Without it DeepSpeed averages gradients over the whole world and counts tensor-sharded parameters once
+    per rank in the gradient norm: the results are silently wrong.
+    """
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+
+    def get_model_parallel_rank(self) -> int:
+        return self.mesh.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.mesh.layout.tp
+
+    def get_model_parallel_group(self) -> ProcessGroup:
+        return self.mesh.group("tp")
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.mesh.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.mesh.layout.dp
+
+    def get_data_parallel_group(self) -> ProcessGroup:
+        return self.mesh.group("dp")
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.mesh.pp_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.mesh.layout.pp
+
+    def get_pipeline_model_parallel_group(self) -> ProcessGroup:
+        return self.mesh.group("pp")

@@ -1,0 +1,111 @@
+"""Check a parallel layout against the model and the world size before any process starts.
+
+``validate(cfg)`` runs inside config loading (no world size known yet); ``validate_layout(cfg, world_size)``
+adds the checks that need it (launchers call it with ``--nproc``/``nodes x gpus`` before starting processes).
+Every error names the config key and says what would work instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pretrain.config import Config, ConfigError
+
+IMPLEMENTED = "implemented: tp (+sp) x dp with ZeRO 0-3; GPT pp (1F1B, interleaved) x tp x dp with ZeRO 0"
+
+
+def _model_sizes(cfg: Config) -> dict[str, int]:
+    """The dimensions tensor parallelism splits, by family (name in the message -> size)."""
+    m: Any = cfg.model
+    if cfg.family == "t5":
+        return {"model.num_heads": m.num_heads, "model.d_ff": m.d_ff, "model.vocab_size": m.vocab_size}
+    sizes = {"model.num_heads": m.num_heads, "model.num_kv_heads": m.kv_heads,
+             "model.ffn_hidden_size": m.ffn_size, "model.vocab_size": m.vocab_size}
+    if not m.llama:  # learned position embeddings are split like a vocabulary
+        sizes["model.max_seq_len"] = m.max_seq_len
+    return sizes
+
+
+def _num_layers(cfg: Config) -> int:
+    m: Any = cfg.model
+    return m.num_layers + (m.decoder_layers if cfg.family == "t5" else 0)
+
+
+def validate(cfg: Config) -> None:
+    """World-size independent checks of ``cfg.parallel`` against ``cfg.model`` and ``cfg.data``."""
+    p = cfg.parallel
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    if p.tp > 1:
+        for key, size in _model_sizes(cfg).items():
+            need(size % p.tp == 0, f"parallel.tp={p.tp} does not divide {key}={size}: tensor parallelism splits "
+                                   f"it across ranks; pick tp among the common divisors, or change {key}")
+    need(not p.sp or p.tp > 1, "parallel.sp=true needs parallel.tp > 1 (sequence parallelism shards the "
+                               "sequence over the tensor-parallel ranks)")
+    if p.sp:
+        seq_keys = ["data.seq_length"] + (["data.decoder_seq_length"] if cfg.family == "t5" else [])
+        for key in seq_keys:
+            n = getattr(cfg.data, key.split(".")[1])
+            need(n % p.tp == 0, f"parallel.sp with tp={p.tp} needs {key} ({n}) divisible by tp")
+    need(p.vpp == 1 or p.pp > 1, f"parallel.vpp={p.vpp} (virtual stages) needs parallel.pp > 1")
+    if p.pp > 1:
+        layers = _num_layers(cfg)
+        need(layers >= p.pp * p.vpp, f"parallel.pp={p.pp} x vpp={p.vpp} stages need at least that many layers; "
+                                     f"the model has {layers}")
+    moe = cfg.model.moe
+    if p.ep > 1:
+        need(moe.enabled, f"parallel.ep={p.ep} needs a Switch model (model.moe.num_experts > 0)")
+        need(moe.num_experts % p.ep == 0, f"parallel.ep={p.ep} must divide model.moe.num_experts="
+                                          f"{moe.num_experts}")
+    # DeepSpeed's refusals, explained.
+    need(not (p.zero >= 2 and p.pp > 1),
+         f"parallel.zero={p.zero} with parallel.pp={p.pp}: ZeRO-2/3 partition gradients (and parameters) across "
+         f"data-parallel ranks, which clashes with pipeline micro-batching (DeepSpeed refuses it). Nearest "
+         f"supported: parallel.zero=1 with pp={p.pp}, or parallel.pp=1 with zero={p.zero}")
+    need(not (p.zero == 3 and moe.enabled and p.ep > 1),
+         f"parallel.zero=3 with expert parallelism (parallel.ep={p.ep}): ZeRO-3 would partition expert weights "
+         f"that already live on one expert-parallel rank (DeepSpeed refuses it). Nearest supported: "
+         f"parallel.zero=2 with ep={p.ep}, or parallel.ep=1 with zero=3")
+    need(not p.offload_optimizer or p.zero >= 1, "parallel.offload_optimizer needs parallel.zero >= 1 (only a "
+                                                 "partitioned optimizer state can live on the CPU)")
+    need(not p.offload_params or p.zero == 3, "parallel.offload_params needs parallel.zero=3 (only ZeRO-3 "
+                                              "partitions the parameters themselves)")
+    # What this version of the engines implements.
+    if p.pp > 1:
+        m: Any = cfg.model
+        need(cfg.family == "gpt", f"parallel.pp={p.pp}: pipelines are implemented for GPT only ({IMPLEMENTED})")
+        need(not m.tie_embeddings, f"parallel.pp={p.pp} with model.tie_embeddings: the embedding shared by the "
+                                   f"first and last stage is not synchronized yet; untie it or use pp=1")
+        need(not m.document_masking, f"parallel.pp={p.pp} with model.document_masking: document ids are not "
+                                     f"passed between stages yet; use pp=1")
+        need(p.zero == 0, f"parallel.pp={p.pp} with parallel.zero={p.zero}: the pipeline engine has no ZeRO "
+                          f"yet; use parallel.zero=0 with pp, or pp=1 with ZeRO")
+    need(p.ep == 1, f"parallel.ep={p.ep}: expert parallelism is not implemented yet ({IMPLEMENTED})")
+    need(not (moe.enabled and p.tp > 1), f"parallel.tp={p.tp} with Switch layers: the experts are not tensor-"
+                                         f"parallel yet; use tp=1 (data parallel, any ZeRO stage) for Switch models")
+
+
+def validate_layout(cfg: Config, world_size: int) -> None:
+    """:func:`validate` plus the checks that need the number of processes."""
+    validate(cfg)
+    p, t = cfg.parallel, cfg.train
+    model_parallel = p.tp * p.pp
+    if world_size % model_parallel:
+        raise ConfigError(f"{world_size} processes are not divisible by parallel.tp x parallel.pp = "
+                          f"{p.tp} x {p.pp}; use a multiple of {model_parallel} processes")
+    dp = world_size // model_parallel
+    if dp % p.ep:
+        raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel size {dp} (= {world_size} "
+                          f"processes / tp {p.tp} / pp {p.pp}): experts are sharded inside the data dimension")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+                          f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+    if cfg.schedule.rampup_start is not None:
+        for key in ("rampup_start", "rampup_increment"):
+            n = getattr(cfg.schedule, key)
+            if n % (t.micro_batch_size * dp):
+                raise ConfigError(f"schedule.{key}={n} must be a multiple of train.micro_batch_size x "
+                                  f"data-parallel size = {t.micro_batch_size} x {dp}")

@@ -1,0 +1,154 @@
+"""Engines: who owns the model and optimizer and turns micro-batches into one optimizer step.
+
+The trainer only talks to the :class:`Engine` interface, so parallel layouts (DeepSpeed ZeRO, pipelines,
+tensor parallelism; ``parallel.engine.build_engine``) plug in without touching the loop.
+:class:`LocalEngine` is plain torch: one process, or plain data parallelism (gradients all-reduced over the
+default process group when it is initialised).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from pretrain.config import Config, is_parallel
+from pretrain.optim import build_optimizer, clip_grad_norm
+
+
+class Engine:
+    """Interface. ``train_step`` runs forward/backward over this rank's micro-batches and one update."""
+
+    model: nn.Module
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    def train_step(self, micro_batches: list[dict], lr: float) -> dict:
+        """Returns floats: ``loss`` (per-token mean over the global batch, aux losses included),
+        ``lm_loss``, ``grad_norm``, ``num_tokens`` (global), ``skipped`` (1.0 when non-finite)."""
+        raise NotImplementedError
+
+    def eval_step(self, micro_batches: list[dict]) -> dict:
+        """``{"lm_loss_sum", "num_tokens"}`` summed over the data-parallel group, without gradients."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """``{"model": {name: tensor}, "optimizer": plain tensors/containers}`` of this rank."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def move(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class LocalEngine(Engine):
+    """Plain torch; fp32 or bf16 autocast. The loss is averaged per token over all micro-batches and ranks."""
+
+    def __init__(self, cfg: Config, model: nn.Module, device: torch.device):
+        self.cfg, self.model, self.device = cfg, model.to(device), device
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if dist.is_available() and dist.is_initialized():
+            self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
+            for p in self.model.parameters():  # identical start on every rank
+                dist.broadcast(p.data, 0)
+
+    def _autocast(self):
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, micro_batches, lr):
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        local_tokens = sum(float(mb["loss_mask"].sum()) for mb in micro_batches)
+        total_tokens = _all_reduce([local_tokens], self.device)[0]
+        n_micro = len(micro_batches) * self.dp_size
+        lm_sum = aux = 0.0
+        for mb in micro_batches:
+            with self._autocast():
+                out = self.model(**move(mb, self.device))
+            # out.loss = lm_sum / num_tokens + weighted aux losses; weight the token sum by the global
+            # token count (true per-token mean) and the aux part by the number of micro-batches.
+            aux_i = out.loss - out.lm_loss_sum / out.num_tokens.clamp(min=1)
+            (out.lm_loss_sum / max(total_tokens, 1.0) + aux_i / n_micro).backward()
+            lm_sum += out.lm_loss_sum.item()
+            aux += aux_i.item()
+        if self.dp_size > 1:
+            self._all_reduce_grads()
+        lm_sum, aux = _all_reduce([lm_sum, aux], self.device)
+        lm_loss = lm_sum / max(total_tokens, 1.0)
+        loss = lm_loss + aux / n_micro
+        grad_norm = clip_grad_norm(self.params, self.cfg.optimizer.clip_grad).item()
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "lm_loss": lm_loss, "grad_norm": grad_norm, "num_tokens": total_tokens,
+                "skipped": float(skipped)}
+
+    def _all_reduce_grads(self) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+    @torch.no_grad()
+    def eval_step(self, micro_batches):
+        self.model.eval()
+        lm_sum = tokens = 0.0
+        for mb in micro_batches:
+            with self._autocast():
+                out = self.model(**move(mb, self.device))
+            lm_sum += out.lm_loss_sum.item()
+            tokens += float(out.num_tokens)
+        lm_sum, tokens = _all_reduce([lm_sum, tokens], self.device)
+        return {"lm_loss_sum": lm_sum, "num_tokens": tokens}
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def pick_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        local_rank = int(__import__("os").environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def build_engine(cfg: Config) -> Engine:
+    """The one place that picks an engine: ``parallel``'s for non-trivial layouts, else :class:`LocalEngine`."""
+    if is_parallel(cfg):
+        from parallel.engine import build_engine as build_parallel_engine
+
+        return build_parallel_engine(cfg)
+    from pretrain.models import build_model
+    from pretrain.models.layers import LocalLayers
+
+    device = pick_device(cfg)
+    torch.manual_seed(cfg.train.seed)
+    return LocalEngine(cfg, build_model(cfg.family, cfg.model, LocalLayers()), device)

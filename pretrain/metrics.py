@@ -1,0 +1,84 @@
+"""Where training metrics go (metrics.jsonl + TensorBoard) and the peak FLOP/s that MFU is measured against."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak per GPU (TFLOP/s) by name fragment, for MFU when logging.peak_tflops is not set.
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
+
+
+class MetricsLogger:
+    """Appends one JSON record per call to ``DIR/metrics.jsonl`` and mirrors numbers to TensorBoard.
+
+    ``directory=None`` (non-zero ranks, or no logging dir) makes every call a no-op.
+    """
+
+    def __init__(self, directory: str | Path | None, tensorboard: bool = True):
+        self.file = self.writer = None
+        if directory is None:
+            return
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.file = open(directory / "metrics.jsonl", "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(directory / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (is {run_dir} a run's logging.dir?)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def measure_cpu_flops(n: int = 1024, repeats: int = 5) -> float:
+    """Best fp32 matmul rate (FLOP/s) on the current threads: the CPU's practical peak."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def peak_flops(device: torch.device) -> float:
+    """Peak FLOP/s of one device: the GPU table, or a CPU matmul probe cached per machine and thread count."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v * 1e12 for k, v in GPU_PEAK_TFLOPS.items() if k in name), 0.0)
+    cache = Path.home() / ".cache" / "pretrain" / "cpu_peak_flops.json"
+    key = f"{platform.node()}|{platform.processor()}|{torch.get_num_threads()}"
+    table = json.loads(cache.read_text()) if cache.is_file() else {}
+    if key not in table:
+        table[key] = measure_cpu_flops()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{id(table)}")
+        tmp.write_text(json.dumps(table))
+        tmp.replace(cache)
+    return table[key]

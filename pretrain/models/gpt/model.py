@@ -1,0 +1,228 @@
+"""Decoder-only transformer: ``embed -> blocks -> final norm -> head``.
+
+The pieces are separate methods so a pipeline-stage splitter can call them on their own:
+``h = model.embed(input_ids, position_ids)`` on the first stage, ``ctx = model.context(...)`` and
+``h = model.blocks[i](h, ctx)`` on every stage, ``model.head_loss(h, ctx, labels, loss_mask)`` on the last.
+Large layers come from the :class:`LayerFactory`, head counts from ``factory.local_heads``, so the same code runs
+tensor-parallel.
+
+Fused QKV layout (Megatron's): the projection output is grouped by kv head,
+``[kv_head][q_0 .. q_{g-1}, k, v][head_dim]`` with ``g = num_heads / num_kv_heads``, so a tensor-parallel column
+split hands each rank whole groups. RoPE uses the rotate-half convention of Hugging Face Llama.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from pretrain.models import ModelOutput, lm_output
+from pretrain.models.attention import attention
+from pretrain.models.gpt.config import GPTConfig
+from pretrain.models.layers import LayerFactory, LocalLayers, scaled_init_std
+from pretrain.models.mlp import MLP
+from pretrain.models.moe import SwitchMLP
+
+
+class KVCache:
+    """Preallocated keys/values of every layer for incremental decoding."""
+
+    def __init__(self, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.k = torch.zeros(num_layers, batch, max_len, kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0  # tokens already stored (all layers)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[1]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; {end} needed")
+        self.k[layer, :, self.length:end] = k
+        self.v[layer, :, self.length:end] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+
+@dataclass
+class Context:
+    """Per-batch inputs of every block besides the hidden states; also collects the Switch aux losses."""
+
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin: [batch or 1, seq, 1, 1, head_dim]
+    document_ids: torch.Tensor | None = None
+    cache: KVCache | None = None
+    moe_aux: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # block index -> aux losses
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and *signed* ``sin`` tables ``[max_len, head_dim]``: the sine's first half is negated so that
+    :func:`apply_rope` needs no negation of the activations."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1).float(), torch.cat([-sin, sin], dim=-1).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]`` (Hugging Face Llama)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.addcmul(x * cos, torch.cat([x2, x1], dim=-1), signed_sin)
+
+
+def run_block(block: nn.Module, fn, *args):
+    """Run ``fn(*args)``, recomputing its activations in backward when ``block.checkpoint`` is set."""
+    if block.checkpoint and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def set_checkpointing(blocks: nn.ModuleList, mode: str, every: int) -> None:
+    for i, block in enumerate(blocks):
+        block.checkpoint = mode == "full" or (mode == "every_n" and i % every == 0)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig, f: LayerFactory, index: int):
+        super().__init__()
+        self.index, self.backend, self.head_dim = index, cfg.attention_backend, cfg.head_dim
+        self.q_heads, self.kv_heads = f.local_heads(cfg.num_heads), f.local_heads(cfg.kv_heads)
+        bias = not cfg.llama
+        self.qkv = f.column(cfg.hidden_size, (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias, cfg.init_std)
+        self.proj = f.row(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias,
+                          scaled_init_std(cfg.init_std, cfg.num_layers))
+
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        qkv = self.qkv(x)
+        b, s = qkv.shape[:2]
+        group = self.q_heads // self.kv_heads
+        # split (not slicing) keeps the backward a single concatenation
+        qk, v = qkv.view(b, s, self.kv_heads, group + 2, self.head_dim).split([group + 1, 1], dim=3)
+        if ctx.rope is not None:
+            qk = apply_rope(qk, *(t.to(qk.dtype) for t in ctx.rope))
+        q, k = qk.split([group, 1], dim=3)
+        q, k, v = q.reshape(b, s, self.q_heads, self.head_dim), k.squeeze(3), v.squeeze(3)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.index, k, v)
+        y = attention(q, k, v, causal=True, backend=self.backend, document_ids=ctx.document_ids)
+        return self.proj(y.reshape(b, s, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, f: LayerFactory, index: int):
+        super().__init__()
+        self.index, self.checkpoint = index, False
+        norm = "rmsnorm" if cfg.llama else "layernorm"
+        self.norm1 = f.norm(cfg.hidden_size, norm, cfg.norm_eps)
+        self.attn = SelfAttention(cfg, f, index)
+        self.norm2 = f.norm(cfg.hidden_size, norm, cfg.norm_eps)
+        ffn = dict(dim=cfg.hidden_size, hidden=cfg.ffn_size, activation="swiglu" if cfg.llama else "gelu",
+                   bias=not cfg.llama, in_std=cfg.init_std, out_std=scaled_init_std(cfg.init_std, cfg.num_layers))
+        self.mlp = SwitchMLP(cfg.moe, **ffn) if cfg.moe.is_moe_layer(index) else MLP(f, **ffn)
+
+    def forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
+        return run_block(self, self._forward, h, ctx)
+
+    def _forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
+        h = h + self.attn(self.norm1(h), ctx)
+        y = self.mlp(self.norm2(h))
+        if isinstance(y, tuple):  # Switch layer: (output, aux losses)
+            y, ctx.moe_aux[self.index] = y
+        return h + y
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig, layers: LayerFactory | None = None):
+        super().__init__()
+        self.cfg, self.layers = cfg, layers or LocalLayers()
+        f = self.layers
+        self.tok_emb = f.embedding(cfg.vocab_size, cfg.hidden_size, cfg.init_std)
+        self.pos_emb = None if cfg.llama else f.embedding(cfg.max_seq_len, cfg.hidden_size, cfg.init_std)
+        self.blocks = nn.ModuleList(Block(cfg, f, i) for i in range(cfg.num_layers))
+        self.norm = f.norm(cfg.hidden_size, "rmsnorm" if cfg.llama else "layernorm", cfg.norm_eps)
+        self.head = f.lm_head(cfg.hidden_size, cfg.vocab_size, cfg.init_std,
+                              tied_to=self.tok_emb if cfg.tie_embeddings else None)
+        set_checkpointing(self.blocks, cfg.activation_checkpointing, cfg.checkpoint_every)
+        if cfg.llama:
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _positions(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, offset: int) -> torch.Tensor:
+        s = input_ids.shape[1]
+        if offset + s > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {offset + s} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        if position_ids is None:
+            return torch.arange(offset, offset + s, device=input_ids.device)[None]
+        return position_ids
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, offset: int = 0):
+        """Token (+ learned position) embeddings, entering the sequence-parallel region: ``[b, s, d]``."""
+        h = self.tok_emb(input_ids)
+        if self.pos_emb is not None:
+            h = h + self.pos_emb(self._positions(input_ids, position_ids, offset))
+        return self.layers.scatter_sequence(h)
+
+    def context(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> Context:
+        offset = 0 if cache is None else cache.length
+        rope = None
+        if self.cfg.llama:
+            pos = self._positions(input_ids, position_ids, offset)
+            rope = (self.rope_cos[pos][:, :, None, None], self.rope_sin[pos][:, :, None, None])
+        docs = document_ids if self.cfg.document_masking else None
+        return Context(rope=rope, document_ids=docs, cache=cache)
+
+    def hidden(self, input_ids, position_ids=None, document_ids=None, cache=None) -> tuple[torch.Tensor, Context]:
+        """Final-normed hidden states (full sequence) and the context they were computed in."""
+        ctx = self.context(input_ids, position_ids, document_ids, cache)
+        h = self.embed(input_ids, position_ids, 0 if cache is None else cache.length)
+        for block in self.blocks:
+            h = block(h, ctx)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        return self.layers.gather_sequence(self.norm(h)), ctx
+
+    def head_loss(self, h: torch.Tensor, ctx: Context, labels: torch.Tensor,
+                  loss_mask: torch.Tensor | None = None) -> ModelOutput:
+        """LM loss of final-normed hidden states ``h`` plus the Switch auxiliary losses collected in ``ctx``."""
+        token_loss = self.layers.cross_entropy(self.head(h), labels)
+        moe = self.cfg.moe
+        return lm_output(token_loss, loss_mask, ctx.moe_aux, moe.aux_loss_weight, moe.z_loss_weight)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> ModelOutput:
+        h, ctx = self.hidden(input_ids, position_ids, document_ids)
+        return self.head_loss(h, ctx, labels, loss_mask)
+
+    def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+               document_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Full-vocabulary logits ``[b, s, vocab]``; with ``cache``, ``input_ids`` continue the cached tokens."""
+        h, _ = self.hidden(input_ids, position_ids, document_ids, cache)
+        return self.layers.gather_logits(self.head(h))
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.tok_emb.weight
+        return KVCache(self.cfg.num_layers, batch, max_len, self.blocks[0].attn.kv_heads, self.cfg.head_dim,
+                       p.dtype, p.device)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Greedy continuation of equal-length prompts ``[b, s]``; returns ``[b, s + new]`` (stops early when
+        every row has produced ``eos_token_id``)."""
+        was_training = self.training
+        self.eval()
+        cache = self.new_cache(input_ids.shape[0], input_ids.shape[1] + max_new_tokens) if use_cache else None
+        tokens, step_input = input_ids, input_ids
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            nxt = self.logits(step_input, cache=cache)[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, nxt], dim=1)
+            step_input = nxt if use_cache else tokens
+            if eos_token_id is not None:
+                done |= nxt.squeeze(1) == eos_token_id
+                if done.all():
+                    break
+        self.train(was_training)
+        return tokens

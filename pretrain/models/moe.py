@@ -1,0 +1,130 @@
+"""Switch Transformer feed-forward layer (Fedus et al., 2021): top-1 routing with fixed expert capacity.
+
+Per layer: an fp32 router picks one expert per token; each expert takes at most
+``capacity = ceil(tokens * capacity_factor / num_experts)`` tokens, first come first served in token order;
+the rest are *dropped*: the layer outputs zero for them, so the block's residual carries them through unchanged.
+The expert output is scaled by the router probability of the chosen expert.
+
+Auxiliary losses (returned, weighted by the model):
+
+* load balancing ``E * sum_i f_i * P_i`` with ``f_i`` the fraction of tokens whose top choice is expert ``i``
+  (before dropping) and ``P_i`` the mean router probability of expert ``i``; equals 1 when perfectly balanced.
+* router z-loss (ST-MoE) ``mean(logsumexp(router_logits)^2)``, which keeps the router logits small.
+
+Expert weights are batched tensors ``[num_experts, ...]`` so expert parallelism shards dim 0. Moving tokens to
+experts is a separate :class:`TokenDispatcher`; expert parallel swaps in one that all-to-alls the
+``[experts, capacity, dim]`` buffer, keeping capacity and dropping decisions local and identical.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.models.layers import init_normal_
+from pretrain.models.mlp import activate, is_gated
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 0  # 0 = dense model
+    every: int = 2  # block i uses experts when i % every == every - 1 (Switch: every other block)
+    capacity_factor_train: float = 1.25
+    capacity_factor_eval: float = 2.0
+    jitter: float = 0.01  # router input multiplied by U(1 - jitter, 1 + jitter) in training
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.enabled and index % self.every == self.every - 1
+
+    def validate(self, prefix: str = "model.moe") -> None:
+        if self.num_experts < 0 or self.num_experts == 1:
+            raise ValueError(f"{prefix}.num_experts={self.num_experts}: use 0 (dense) or at least 2 experts")
+        if self.every < 1:
+            raise ValueError(f"{prefix}.every={self.every}: must be >= 1 (1 = every block is a Switch layer)")
+        for key in ("capacity_factor_train", "capacity_factor_eval"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{prefix}.{key}={getattr(self, key)}: must be > 0 (Switch uses 1.0-2.0)")
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"{prefix}.jitter={self.jitter}: must be in [0, 1)")
+        for key in ("aux_loss_weight", "z_loss_weight"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{prefix}.{key}={getattr(self, key)}: must be >= 0")
+
+
+def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
+    return max(1, math.ceil(num_tokens * capacity_factor / num_experts))
+
+
+class TokenDispatcher:
+    """Single-process dispatch: scatter kept tokens into ``[experts, capacity, dim]`` and gather them back."""
+
+    def dispatch(self, x: torch.Tensor, expert: torch.Tensor, num_experts: int, capacity: int):
+        """Returns (expert buffer, keep mask ``[tokens]``, state for :meth:`combine`)."""
+        one_hot = F.one_hot(expert, num_experts)
+        position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # rank of each token within its expert's queue
+        keep = position < capacity
+        kept = keep.nonzero().squeeze(-1)
+        slot = expert[kept] * capacity + position[kept]
+        buf = x.new_zeros(num_experts * capacity, x.shape[-1]).index_copy(0, slot, x[kept])
+        return buf.view(num_experts, capacity, -1), keep, (kept, slot, x.shape[0])
+
+    def combine(self, y: torch.Tensor, state) -> torch.Tensor:
+        kept, slot, num_tokens = state
+        out = y.new_zeros(num_tokens, y.shape[-1])
+        return out.index_copy(0, kept, y.reshape(-1, y.shape[-1])[slot])
+
+
+class SwitchMLP(nn.Module):
+    """Top-1 mixture of ``num_experts`` feed-forward experts; ``forward`` returns (output, aux dict)."""
+
+    def __init__(self, cfg: MoEConfig, dim: int, hidden: int, activation: str, bias: bool,
+                 in_std: float, out_std: float, router_std: float = 0.02):
+        super().__init__()
+        self.cfg, self.activation = cfg, activation
+        e, width = cfg.num_experts, hidden * (2 if is_gated(activation) else 1)
+        self.router = nn.Parameter(init_normal_(torch.empty(e, dim), router_std))
+        self.w_in = nn.Parameter(init_normal_(torch.empty(e, dim, width), in_std))
+        self.w_out = nn.Parameter(init_normal_(torch.empty(e, hidden, dim), out_std))
+        self.bias_in = nn.Parameter(torch.zeros(e, 1, width)) if bias else None
+        self.bias_out = nn.Parameter(torch.zeros(e, 1, dim)) if bias else None
+        self.dispatcher = TokenDispatcher()
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits and probabilities in fp32, whatever the autocast dtype."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xf = x.float()
+            if self.training and self.cfg.jitter > 0:
+                xf = xf * torch.empty_like(xf).uniform_(1 - self.cfg.jitter, 1 + self.cfg.jitter)
+            logits = F.linear(xf, self.router.float())
+        return logits, logits.softmax(-1)
+
+    def experts(self, buf: torch.Tensor) -> torch.Tensor:
+        """All experts at once on ``[experts, tokens, dim]`` (however many experts this rank holds)."""
+        h = torch.bmm(buf, self.w_in) if self.bias_in is None else torch.baddbmm(self.bias_in, buf, self.w_in)
+        h = activate(h, self.activation)
+        return torch.bmm(h, self.w_out) if self.bias_out is None else torch.baddbmm(self.bias_out, h, self.w_out)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        shape, e = x.shape, self.cfg.num_experts
+        x = x.reshape(-1, shape[-1])
+        logits, probs = self.route(x)
+        gate, expert = probs.max(-1)
+        factor = self.cfg.capacity_factor_train if self.training else self.cfg.capacity_factor_eval
+        capacity = expert_capacity(x.shape[0], e, factor)
+        buf, keep, state = self.dispatcher.dispatch(x, expert, e, capacity)
+        y = self.dispatcher.combine(self.experts(buf), state) * gate.unsqueeze(-1).to(x.dtype)
+        frac = F.one_hot(expert, e).float().mean(0)
+        aux = {"load_balance_loss": e * (frac * probs.mean(0)).sum(),
+               "z_loss": torch.logsumexp(logits, -1).pow(2).mean(),
+               "drop_frac": 1.0 - keep.float().mean().detach()}
+        return y.view(shape), aux

@@ -1,0 +1,202 @@
+"""T5 v1.1 encoder-decoder (Raffel et al.), optionally with Switch feed-forward layers (Fedus et al.).
+
+T5 conventions kept here: no 1/sqrt(d) in attention (it is folded into the query init), one relative position
+bias table per stack shared by all its layers (bidirectional buckets in the encoder, causal in the decoder,
+none in cross-attention), pre-RMSNorm without bias or mean subtraction, Mesh-TF initializer scales, and a shared
+input embedding. Each stack is ``embed -> blocks -> final norm``; the decoder adds the LM head.
+
+Self-attention uses a fused QKV projection laid out ``[head][q, k, v][d_kv]`` (whole heads per
+tensor-parallel rank); cross-attention fuses K and V the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from pretrain.models import ModelOutput, lm_output
+from pretrain.models.attention import attention
+from pretrain.models.gpt.model import run_block, set_checkpointing
+from pretrain.models.layers import LayerFactory, LocalLayers
+from pretrain.models.mlp import MLP
+from pretrain.models.moe import SwitchMLP
+from pretrain.models.t5.config import T5Config
+
+
+def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> torch.Tensor:
+    """T5's bucketing of ``key_pos - query_pos``: exact for small distances, log-spaced up to ``max_distance``."""
+    bucket = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        bucket += (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    max_exact = num_buckets // 2
+    log_ratio = torch.log(distance.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact)
+    large = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
+    return bucket + torch.where(distance < max_exact, distance, large)
+
+
+@dataclass
+class T5Context:
+    bias: torch.Tensor  # relative position bias of self-attention, [1, local_heads, q_len, k_len]
+    key_mask: torch.Tensor | None  # encoder padding (1 = token): encoder self-attn and decoder cross-attn keys
+    encoder_out: torch.Tensor | None = None  # set for the decoder
+    moe_aux: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: T5Config, f: LayerFactory, cross: bool):
+        super().__init__()
+        self.cross, self.backend, self.d_kv = cross, cfg.attention_backend, cfg.d_kv
+        self.heads = f.local_heads(cfg.num_heads)
+        inner, k_std = cfg.num_heads * cfg.d_kv, cfg.init_factor * cfg.d_model ** -0.5
+        if cross:
+            self.q = f.column(cfg.d_model, inner, False, k_std * cfg.d_kv ** -0.5)
+            self.kv = f.column(cfg.d_model, 2 * inner, False, k_std)
+        else:
+            self.qkv = f.column(cfg.d_model, 3 * inner, False, k_std)
+            with torch.no_grad():  # queries get the extra d_kv**-0.5 that replaces the softmax scaling
+                self.qkv.weight.view(self.heads, 3, self.d_kv, -1)[:, 0] *= cfg.d_kv ** -0.5
+        self.o = f.row(inner, cfg.d_model, False, cfg.init_factor * inner ** -0.5)
+
+    def forward(self, x: torch.Tensor, ctx: T5Context) -> torch.Tensor:
+        if self.cross:
+            q = self.q(x)
+            b, s = q.shape[:2]
+            q = q.view(b, s, self.heads, self.d_kv)
+            kv = self.kv(ctx.encoder_out)
+            kv = kv.view(b, kv.shape[1], self.heads, 2, self.d_kv)
+            k, v, bias, causal = kv[..., 0, :], kv[..., 1, :], None, False
+        else:
+            qkv = self.qkv(x)
+            b, s = qkv.shape[:2]
+            qkv = qkv.view(b, s, self.heads, 3, self.d_kv)
+            q, k, v = qkv.unbind(3)
+            bias, causal = ctx.bias, ctx.encoder_out is not None
+        key_mask = None if causal else ctx.key_mask
+        y = attention(q, k, v, causal=causal, backend=self.backend, key_mask=key_mask, bias=bias, scale=1.0)
+        return self.o(y.reshape(b, s, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: T5Config, f: LayerFactory, index: int, decoder: bool, switch: bool):
+        super().__init__()
+        self.index, self.checkpoint = index, False
+        self.norm1 = f.norm(cfg.d_model, "rmsnorm", cfg.norm_eps)
+        self.attn = Attention(cfg, f, cross=False)
+        self.cross_norm = f.norm(cfg.d_model, "rmsnorm", cfg.norm_eps) if decoder else None
+        self.cross_attn = Attention(cfg, f, cross=True) if decoder else None
+        self.norm2 = f.norm(cfg.d_model, "rmsnorm", cfg.norm_eps)
+        ffn = dict(dim=cfg.d_model, hidden=cfg.d_ff, activation=cfg.activation, bias=False,
+                   in_std=cfg.init_factor * cfg.d_model ** -0.5, out_std=cfg.init_factor * cfg.d_ff ** -0.5)
+        self.mlp = SwitchMLP(cfg.moe, **ffn) if switch else MLP(f, **ffn)
+
+    def forward(self, h: torch.Tensor, ctx: T5Context) -> torch.Tensor:
+        return run_block(self, self._forward, h, ctx)
+
+    def _forward(self, h: torch.Tensor, ctx: T5Context) -> torch.Tensor:
+        h = h + self.attn(self.norm1(h), ctx)
+        if self.cross_attn is not None:
+            h = h + self.cross_attn(self.cross_norm(h), ctx)
+        y = self.mlp(self.norm2(h))
+        if isinstance(y, tuple):  # Switch layer: (output, aux losses)
+            y, ctx.moe_aux[self.index] = y
+        return h + y
+
+
+class Stack(nn.Module):
+    """Encoder or decoder: relative bias table, blocks, final norm (the embedding is shared, in :class:`T5`)."""
+
+    def __init__(self, cfg: T5Config, f: LayerFactory, decoder: bool):
+        super().__init__()
+        self.cfg, self.decoder = cfg, decoder
+        self.relative_bias = nn.Embedding(cfg.relative_attention_num_buckets, f.local_heads(cfg.num_heads))
+        nn.init.normal_(self.relative_bias.weight, std=cfg.init_factor * cfg.d_model ** -0.5)
+        n, first = (cfg.decoder_layers, cfg.num_layers) if decoder else (cfg.num_layers, 0)
+        # Switch placement counts within the stack; indices are global so both stacks' aux losses stay apart.
+        self.blocks = nn.ModuleList(Block(cfg, f, first + i, decoder, cfg.moe.is_moe_layer(i)) for i in range(n))
+        self.norm = f.norm(cfg.d_model, "rmsnorm", cfg.norm_eps)
+        set_checkpointing(self.blocks, cfg.activation_checkpointing, cfg.checkpoint_every)
+
+    def position_bias(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+        rel = torch.arange(k_len, device=device)[None] - torch.arange(q_len, device=device)[:, None]
+        buckets = relative_position_bucket(rel, not self.decoder, self.cfg.relative_attention_num_buckets,
+                                           self.cfg.relative_attention_max_distance)
+        return self.relative_bias(buckets).permute(2, 0, 1)[None]
+
+    def forward(self, h: torch.Tensor, ctx: T5Context) -> torch.Tensor:
+        for block in self.blocks:
+            h = block(h, ctx)
+        return self.norm(h)
+
+
+class T5(nn.Module):
+    def __init__(self, cfg: T5Config, layers: LayerFactory | None = None):
+        super().__init__()
+        self.cfg, self.layers = cfg, layers or LocalLayers()
+        f = self.layers
+        self.embedding = f.embedding(cfg.vocab_size, cfg.d_model, cfg.init_factor * 1.0)
+        self.encoder = Stack(cfg, f, decoder=False)
+        self.decoder = Stack(cfg, f, decoder=True)
+        self.head = f.lm_head(cfg.d_model, cfg.vocab_size, cfg.init_factor * 1.0,
+                              tied_to=self.embedding if cfg.tie_embeddings else None)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.layers.scatter_sequence(self.embedding(input_ids))
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               moe_aux: dict | None = None) -> torch.Tensor:
+        """Encoder output ``[b, enc_len, d]`` (full sequence, final-normed)."""
+        s = input_ids.shape[1]
+        ctx = T5Context(bias=self.encoder.position_bias(s, s, input_ids.device), key_mask=attention_mask,
+                        moe_aux={} if moe_aux is None else moe_aux)
+        return self.layers.gather_sequence(self.encoder(self.embed(input_ids), ctx))
+
+    def decode(self, decoder_input_ids: torch.Tensor, encoder_out: torch.Tensor,
+               attention_mask: torch.Tensor | None = None, moe_aux: dict | None = None) -> torch.Tensor:
+        """Final-normed decoder states ``[b, dec_len, d]``, scaled for a tied head as in T5."""
+        s = decoder_input_ids.shape[1]
+        ctx = T5Context(bias=self.decoder.position_bias(s, s, decoder_input_ids.device), key_mask=attention_mask,
+                        encoder_out=encoder_out, moe_aux={} if moe_aux is None else moe_aux)
+        h = self.layers.gather_sequence(self.decoder(self.embed(decoder_input_ids), ctx))
+        return h * self.cfg.d_model ** -0.5 if self.cfg.tie_embeddings else h
+
+    def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor, labels: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> ModelOutput:
+        moe_aux: dict[int, dict[str, torch.Tensor]] = {}
+        enc = self.encode(input_ids, attention_mask, moe_aux)
+        h = self.decode(decoder_input_ids, enc, attention_mask, moe_aux)
+        token_loss = self.layers.cross_entropy(self.head(h), labels)
+        return lm_output(token_loss, loss_mask, moe_aux, self.cfg.moe.aux_loss_weight, self.cfg.moe.z_loss_weight)
+
+    def logits(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        enc = self.encode(input_ids, attention_mask)
+        return self.layers.gather_logits(self.head(self.decode(decoder_input_ids, enc, attention_mask)))
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
+                 eos_token_id: int | None = None) -> torch.Tensor:
+        """Greedy decoding (encoder run once, decoder recomputed per step); returns ``[b, 1 + new]`` starting
+        with ``decoder_start_token_id``."""
+        was_training = self.training
+        self.eval()
+        enc = self.encode(input_ids, attention_mask)
+        out = input_ids.new_full((input_ids.shape[0], 1), self.cfg.decoder_start_token_id)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            h = self.decode(out, enc, attention_mask)[:, -1:]
+            nxt = self.layers.gather_logits(self.head(h))[:, -1].argmax(-1, keepdim=True)
+            out = torch.cat([out, nxt], dim=1)
+            if eos_token_id is not None:
+                done |= nxt.squeeze(1) == eos_token_id
+                if done.all():
+                    break
+        self.train(was_training)
+        return out

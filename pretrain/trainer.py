@@ -1,0 +1,224 @@
+"""The training loop: schedule -> data -> engine step -> metrics -> checkpoints, resumable bit-exactly.
+
+Everything that changes over training is a function of ``(step, consumed_samples)`` (LR, batch size, data
+position) or lives in the checkpoint (weights, optimizer, RNG), so ``--resume auto`` continues exactly where an
+uninterrupted run would be.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data.loader import collate
+from launch.preemption import PREEMPTED_EXIT_CODE
+from data.sampler import DataParallelSampler
+from pretrain import checkpoint as ckpt
+from pretrain.config import Config
+from pretrain.engine import Engine, build_engine
+from pretrain.metrics import MetricsLogger, peak_flops
+from pretrain.schedule import Schedule
+
+log = logging.getLogger("pretrain.train")
+
+EXIT_OK = 0
+EXIT_PREEMPTED = PREEMPTED_EXIT_CODE  # 75: stopped on request with a checkpoint; run again with --resume auto
+EXIT_NONFINITE = 3  # too many non-finite steps in a row (a checkpoint of the last good state is saved)
+
+
+class StopFlag:
+    """Set by the launcher's preemption handler (``launch.preemption``) or any caller; the loop then finishes
+    the current step, saves a checkpoint and returns :data:`EXIT_PREEMPTED`."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.reason = ""
+
+    def request(self, reason: str = "requested") -> None:
+        self.requested, self.reason = True, reason
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class Trainer:
+    """Runs ``cfg.train.steps`` optimizer steps of ``engine`` on ``train_data`` (indexable dataset)."""
+
+    def __init__(self, cfg: Config, train_data, valid_data=None, engine: Engine | None = None,
+                 stop: StopFlag | None = None):
+        self.cfg = cfg
+        self.engine = engine or build_engine(cfg)
+        self.schedule = Schedule(cfg)
+        self.stop = stop or StopFlag()
+        self.rank = _rank()
+        self.train_data, self.valid_data = train_data, valid_data
+        self.step, self.consumed_samples = 0, 0
+        self.sampler = DataParallelSampler(len(train_data), self.engine.dp_rank, self.engine.dp_size,
+                                           cfg.train.micro_batch_size, self.schedule.batch_size)
+        self.metrics = MetricsLogger(cfg.log_dir if self.rank == 0 else None, cfg.logging.tensorboard)
+        self.flops_per_token = self._flops_per_token()
+        self.peak = (cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops
+                     else peak_flops(getattr(self.engine, "device", torch.device("cpu"))))
+
+    def _flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward): the model's own count, else 6N + 12·L·d·s."""
+        model = self.engine.model
+        if callable(getattr(model, "flops_per_token", None)):
+            return 3.0 * float(model.flops_per_token(self.cfg.data.seq_length))
+        n = sum(p.numel() for p in model.parameters())
+        m = self.cfg.model
+        return 6.0 * n + 12.0 * getattr(m, "num_layers", 0) * getattr(m, "hidden_size", 0) * self.cfg.data.seq_length
+
+    # --- checkpoints -------------------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        if not self.cfg.checkpoint.dir:
+            return None
+        state = self.engine.state_dict()
+        extra = {"optimizer": state["optimizer"], "rng": ckpt.rng_state()}
+        meta = {"consumed_samples": self.consumed_samples, "config": self.cfg.to_dict(),
+                "scheduler": {"step": self.step, "consumed_samples": self.consumed_samples}}
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        path = ckpt.save_checkpoint(self.cfg.checkpoint.dir, self.step, state["model"], extra, meta,
+                                    rank=self.rank, world_size=world, keep_last=self.cfg.checkpoint.keep_last,
+                                    barrier=_barrier)
+        log.info("saved checkpoint %s", path)
+        return path
+
+    def resume(self, which: str | None) -> bool:
+        """Restore from ``which`` ("auto" = ``checkpoint.dir/latest`` if any, or a path). True if restored."""
+        if not which:
+            return False
+        path = ckpt.resolve(self.cfg.checkpoint.dir or ".", which) if which == "auto" else ckpt.resolve(".", which)
+        if path is None:
+            log.info("no checkpoint in %s yet: starting from scratch", self.cfg.checkpoint.dir)
+            return False
+        model_state, extra, meta = ckpt.load_checkpoint(path, self.rank)
+        self.engine.load_state_dict({"model": model_state, "optimizer": extra["optimizer"]})
+        ckpt.set_rng_state(extra["rng"])
+        self.step, self.consumed_samples = meta["step"], meta["consumed_samples"]
+        log.info("resumed from %s at step %d (%d samples consumed)", path, self.step, self.consumed_samples)
+        return True
+
+    # --- loop --------------------------------------------------------------------------------------------
+    def _micro_batches(self, data, indices: list[list[int]]) -> list[dict]:
+        return [collate([data[i] for i in mb]) for mb in indices]
+
+    def evaluate(self) -> float:
+        """Mean validation loss per token over ``train.eval_steps`` global batches from the start of the set."""
+        t = self.cfg.train
+        sampler = DataParallelSampler(len(self.valid_data), self.engine.dp_rank, self.engine.dp_size,
+                                      t.micro_batch_size, t.global_batch_size)
+        lm_sum = tokens = 0.0
+        for _ in range(t.eval_steps):
+            out = self.engine.eval_step(self._micro_batches(self.valid_data, sampler.next_global_batch()))
+            lm_sum, tokens = lm_sum + out["lm_loss_sum"], tokens + out["num_tokens"]
+        return lm_sum / max(tokens, 1.0)
+
+    def fit(self) -> int:
+        """Train to ``train.steps``; returns an exit code (EXIT_OK, EXIT_PREEMPTED, EXIT_NONFINITE)."""
+        t, c = self.cfg.train, self.cfg.checkpoint
+        total = t.steps
+        bad_in_row, window = 0, _Window()
+        code = EXIT_OK
+        while self.step < total:
+            gbs = self.schedule.batch_size(self.consumed_samples)
+            lr = self.schedule.lr(self.step, self.consumed_samples)
+            self.sampler.consumed_samples = self.consumed_samples
+            t0 = time.perf_counter()
+            batches = self._micro_batches(self.train_data, self.sampler.next_global_batch(gbs))
+            out = self.engine.train_step(batches, lr)
+            self.step += 1
+            self.consumed_samples += gbs
+            window.add(time.perf_counter() - t0, out["num_tokens"])
+            if out["skipped"]:
+                bad_in_row += 1
+                log.warning("step %d: non-finite loss %.4g or grad norm %.4g: update skipped (%d in a row)",
+                            self.step, out["loss"], out["grad_norm"], bad_in_row)
+                if bad_in_row >= t.max_nonfinite:
+                    log.error("stopping: %d non-finite steps in a row", bad_in_row)
+                    code = EXIT_NONFINITE
+            else:
+                bad_in_row = 0
+            record = {"step": self.step, "loss": out["loss"], "lm_loss": out["lm_loss"], "lr": lr,
+                      "grad_norm": out["grad_norm"], "batch_size": gbs, "consumed_samples": self.consumed_samples,
+                      "skipped": bool(out["skipped"])}
+            if self.step % self.cfg.logging.interval == 0 or self.step == total or out["skipped"]:
+                self._log(record, window, total)
+                window = _Window()
+            if t.eval_interval and self.valid_data is not None and (
+                    self.step % t.eval_interval == 0 or self.step == total):
+                val = self.evaluate()
+                self.metrics.write({"step": self.step, "val_loss": val})
+                log.info("step %d: validation loss %.4f (ppl %.2f)", self.step, val, math.exp(min(val, 50)))
+            stop = self._agree(self.stop.requested)
+            if code != EXIT_OK or stop:
+                if stop:
+                    log.warning("stop requested (%s): checkpoint at step %d", self.stop.reason or "flag", self.step)
+                    code = EXIT_PREEMPTED
+                self.save()
+                break
+            if c.interval and self.step % c.interval == 0 and self.step < total:
+                self.save()
+        else:
+            if c.save_final:
+                self.save()
+        self.metrics.close()
+        return code
+
+    def _agree(self, flag: bool) -> bool:
+        """Stop only if any rank got the signal, and then on every rank (so all save the same step)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return flag
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _log(self, record: dict, window: "_Window", total: int) -> None:
+        tokens_per_s = window.tokens / max(window.seconds, 1e-9)
+        world = self.engine.dp_size * getattr(self.engine, "model_parallel_size", 1)
+        flops = tokens_per_s * self.flops_per_token
+        record.update(tokens_per_s=tokens_per_s, tflops=flops / 1e12 / world,
+                      mfu=flops / world / self.peak if self.peak else 0.0, memory_gb=_memory_gb(self.engine),
+                      step_time_s=window.seconds / max(window.steps, 1))
+        self.metrics.write(record)
+        eta = (total - record["step"]) * record["step_time_s"]
+        log.info("step %d/%d | loss %.4f | lr %.3e | grad %.3f | %.0f tok/s | %.3g TFLOP/s | MFU %.1f%% | "
+                 "mem %.2f GB | ETA %s%s", record["step"], total, record["loss"], record["lr"], record["grad_norm"],
+                 tokens_per_s, record["tflops"], 100 * record["mfu"], record["memory_gb"], _hms(eta),
+                 " | SKIPPED" if record["skipped"] else "")
+
+
+class _Window:
+    """Time and tokens since the last log line."""
+
+    def __init__(self) -> None:
+        self.seconds, self.tokens, self.steps = 0.0, 0.0, 0
+
+    def add(self, seconds: float, tokens: float) -> None:
+        self.seconds, self.tokens, self.steps = self.seconds + seconds, self.tokens + tokens, self.steps + 1
+
+
+def _memory_gb(engine: Engine) -> float:
+    device = getattr(engine, "device", torch.device("cpu"))
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import psutil
+
+    return psutil.Process(os.getpid()).memory_info().rss / 2**30
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

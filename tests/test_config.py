@@ -1,0 +1,66 @@
+"""Config loading: YAML + dotted overrides, and errors that name the key and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import ConfigError, from_dict, load_config, parse_overrides, save_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["gpt_tiny", "gpt2_tiny", "switch_gpt_tiny", "t5_tiny", "gpt_125m", "gpt_1.3b",
+                                  "t5_small", "t5_base"])
+def test_shipped_configs_load(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.train.steps > 0 and cfg.family in ("gpt", "t5")
+
+
+def test_overrides_apply_with_yaml_types(tmp_path):
+    cfg = load_config(CONFIGS / "gpt_tiny.yaml", ["train.steps=7", "optimizer.betas=[0.8, 0.9]",
+                                                  "checkpoint.dir=runs/x", "model.moe.num_experts=4",
+                                                  "optimizer.lr=1e-3", "logging.peak_tflops=null"])
+    assert cfg.train.steps == 7 and cfg.optimizer.betas == (0.8, 0.9) and cfg.checkpoint.dir == "runs/x"
+    assert cfg.model.moe.num_experts == 4 and cfg.optimizer.lr == 1e-3 and cfg.logging.peak_tflops is None
+    assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+    save_config(cfg, tmp_path / "c.yaml")  # round trip
+    again = load_config(tmp_path / "c.yaml")
+    assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.step=5", "unknown key 'train.step'; did you mean 'steps'"),
+    ("trian.steps=5", "unknown section 'trian'; did you mean 'train'"),
+    ("model.hiden_size=5", "model.hidden_size"),
+    ("train.steps=abc", "train.steps must be int, got 'abc'"),
+    ("train.steps=0", "train.steps must be > 0"),
+    ("train.micro_batch_size=3", "multiple of train.micro_batch_size"),
+    ("optimizer.name=sgd", "optimizer.name must be 'adamw' or 'lamb'"),
+    ("schedule.decay=exp", "schedule.decay must be one of"),
+    ("schedule.scaling=linear", "schedule.base_batch_size"),
+    ("model.num_heads=5", "model.num_heads"),
+    ("model.family=bert", "set model.family to one of"),
+    ("train.precision=fp8", "train.precision"),
+    ("parallel.zero=4", "parallel.zero must be 0..3"),
+    ("trainsteps", "must look like section.key=value"),
+])
+def test_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(CONFIGS / "gpt_tiny.yaml", [override])
+    assert message in str(err.value)
+    assert "gpt_tiny.yaml" in str(err.value) or override == "trainsteps"
+
+
+def test_conflicting_warmups_and_missing_family(tmp_path):
+    with pytest.raises(ConfigError, match="give only one of"):
+        load_config(CONFIGS / "gpt_tiny.yaml", ["schedule.warmup_steps=10"])  # warmup_fraction is set too
+    with pytest.raises(ConfigError, match="model.family is required"):
+        from_dict({"train": {"steps": 1}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")

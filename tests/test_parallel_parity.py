@@ -1,0 +1,185 @@
+"""Parity: every layout trains like one process (same seed, same data), on real gloo processes.
+
+Per launch, one group of layouts runs back to back in the same processes (imports and process start are the
+slow part on CPU). The single-process reference is :class:`pretrain.engine.LocalEngine` in the test process.
+Checked per layout: per-step loss (relative difference <= 1e-5), per-step global gradient norm (so clipping
+sees the true norm; clipping is active: the norm exceeds ``clip_grad``) and the final parameters.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.config import from_dict
+from tests.dist_utils import run_distributed
+
+pytestmark = pytest.mark.dist
+
+STEPS, SEQ, GLOBAL_BATCH, MICRO_BATCH, LR, CLIP = 10, 16, 8, 2, 1e-2, 0.3
+MODELS = {
+    # GPT-2 style, with grouped-query attention and a tied head
+    "gpt2": {"family": "gpt", "flavour": "gpt2", "vocab_size": 128, "hidden_size": 32, "num_layers": 2,
+             "num_heads": 4, "num_kv_heads": 2, "max_seq_len": SEQ, "tie_embeddings": True},
+    # Llama style: RMSNorm, RoPE, SwiGLU, untied head
+    "llama": {"family": "gpt", "flavour": "llama", "vocab_size": 128, "hidden_size": 32, "num_layers": 2,
+              "num_heads": 4, "ffn_hidden_size": 64, "max_seq_len": SEQ},
+    # four blocks (for 2 x 2 interleaved stages), untied
+    "gpt2_deep": {"family": "gpt", "flavour": "gpt2", "vocab_size": 128, "hidden_size": 32, "num_layers": 4,
+                  "num_heads": 4, "num_kv_heads": 2, "max_seq_len": SEQ},
+}
+LOSS_RTOL = NORM_RTOL = 1e-5
+PARAM_ATOL = 5e-6
+# Adam eps: key biases get an exactly-zero true gradient (softmax ignores a constant shift), so with the usual
+# eps=1e-8 Adam turns their ~1e-10 rounding noise into full-size updates of random sign in every layout.
+ADAM_EPS = 1e-5
+
+
+def make_config(model: str, parallel: dict):
+    return from_dict({
+        "model": MODELS[model],
+        "data": {"seq_length": SEQ},
+        "optimizer": {"lr": LR, "clip_grad": CLIP, "weight_decay": 0.1, "eps": ADAM_EPS},
+        "train": {"steps": STEPS, "global_batch_size": GLOBAL_BATCH, "micro_batch_size": MICRO_BATCH,
+                  "seed": 7, "device": "cpu"},
+        "parallel": parallel,
+    })
+
+
+def global_batch(step: int, vocab: int) -> dict[str, torch.Tensor]:
+    """Random tokens; a random quarter of the loss mask is off so token-weighted averaging matters."""
+    rng = np.random.default_rng(1000 + step)
+    tokens = torch.from_numpy(rng.integers(0, vocab, (GLOBAL_BATCH, SEQ + 1)))
+    mask = torch.from_numpy((rng.random((GLOBAL_BATCH, SEQ)) > 0.25).astype(np.float32))
+    return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask}
+
+
+def micro_batches(step: int, vocab: int, dp_rank: int, dp_size: int) -> list[dict]:
+    batch = global_batch(step, vocab)
+    per_rank = GLOBAL_BATCH // dp_size
+    mine = {k: v[dp_rank * per_rank:(dp_rank + 1) * per_rank] for k, v in batch.items()}
+    return [{k: v[i:i + MICRO_BATCH] for k, v in mine.items()} for i in range(0, per_rank, MICRO_BATCH)]
+
+
+def train(engine, vocab: int, steps: range = range(STEPS)) -> dict[str, list[float]]:
+    losses, norms = [], []
+    for step in steps:
+        m = engine.train_step(micro_batches(step, vocab, engine.dp_rank, engine.dp_size), LR)
+        losses.append(m["loss"])
+        norms.append(m["grad_norm"])
+    return {"loss": losses, "grad_norm": norms}
+
+
+def roundtrip(state: dict) -> dict:
+    """Through bytes and back as checkpoints store it (``weights_only`` load)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def layouts_worker(args: dict) -> dict:
+    """Runs on every rank: train each layout in ``args["layouts"]``; rank 0 returns full parameters.
+
+    A layout marked ``resume`` stops halfway, saves the engine state, builds a fresh engine, loads it and
+    finishes: the result must still equal the uninterrupted single-process run.
+    """
+    import torch.distributed as dist
+
+    from parallel.engine import build_engine
+
+    out = {}
+    for name, (model, parallel, *resume) in args["layouts"].items():
+        cfg = make_config(model, parallel)
+        engine = build_engine(cfg)
+        vocab = cfg.model.vocab_size
+        if resume:
+            half = train(engine, vocab, range(STEPS // 2))
+            state = roundtrip(engine.state_dict())
+            del engine
+            engine = build_engine(cfg)
+            engine.load_state_dict(state)
+            rest = train(engine, vocab, range(STEPS // 2, STEPS))
+            result = {k: half[k] + rest[k] for k in half}
+        else:
+            result = train(engine, vocab)
+        state = engine.state_dict()["model"]
+        if cfg.parallel.tp > 1:
+            from parallel.tensor import full_state_dict
+
+            state = full_state_dict(engine.model, state, engine.mesh.group("tp"))
+        if dist.get_rank() == 0:
+            out[name] = {**result, "params": state}
+        del engine
+        gc.collect()
+    return out
+
+
+def reference(model: str) -> dict:
+    from pretrain.engine import build_engine
+
+    cfg = make_config(model, {})
+    engine = build_engine(cfg)
+    result = train(engine, cfg.model.vocab_size)
+    return {**result, "params": engine.state_dict()["model"]}
+
+
+def differences(got: dict, ref: dict) -> dict[str, float]:
+    """Max relative loss / grad-norm differences over the steps and max absolute final-parameter difference."""
+    assert set(got["params"]) == set(ref["params"])
+    rel = lambda key: max(abs(a - b) / abs(b) if math.isfinite(a) else math.inf  # noqa: E731
+                          for a, b in zip(got[key], ref[key]))
+    params = max((got["params"][k] - ref["params"][k]).abs().max().item() for k in ref["params"])
+    return {"loss": rel("loss"), "grad_norm": rel("grad_norm"), "params": params}
+
+
+def assert_all_match(results: dict, layouts: dict, references: dict) -> None:
+    diffs = {name: differences(results[name], references[model]) for name, (model, *_) in layouts.items()}
+    for name, d in diffs.items():
+        print(f"{name:<24} loss rel {d['loss']:.1e}  grad-norm rel {d['grad_norm']:.1e}  params abs {d['params']:.1e}")
+    bad = {n: d for n, d in diffs.items()
+           if not (d["loss"] <= LOSS_RTOL and d["grad_norm"] <= NORM_RTOL and d["params"] <= PARAM_ATOL)}
+    assert not bad, bad
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, dict]:
+    torch.set_num_threads(1)
+    refs = {m: reference(m) for m in MODELS}
+    for r in refs.values():
+        assert max(r["grad_norm"]) > CLIP  # clipping is active, so a wrong global norm would show
+    return refs
+
+
+LAYOUTS_2 = {
+    "dp2 zero0 gpt2": ("gpt2", {"zero": 0}),
+    "dp2 zero1 llama": ("llama", {"zero": 1}),
+    "dp2 zero2 gpt2": ("gpt2", {"zero": 2}),
+    "dp2 zero3 llama": ("llama", {"zero": 3}),
+    "tp2 gpt2 resumed": ("gpt2", {"tp": 2}, True),
+    "tp2 sp gpt2": ("gpt2", {"tp": 2, "sp": True, "zero": 1}),
+    "dp2 zero1 llama resumed": ("llama", {"zero": 1}, True),
+    "dp2 zero3 gpt2 resumed": ("gpt2", {"zero": 3}, True),
+    "pp2 1f1b llama": ("llama", {"pp": 2}),
+    "pp2 interleaved gpt2_deep": ("gpt2_deep", {"pp": 2, "vpp": 2}),
+}
+LAYOUTS_4 = {
+    "dp2 tp2 zero1 gpt2": ("gpt2", {"tp": 2, "zero": 1}),
+    "dp2 tp2 sp zero2 gpt2": ("gpt2", {"tp": 2, "sp": True, "zero": 2}),
+    "dp2 tp2 sp zero3 gpt2": ("gpt2", {"tp": 2, "sp": True, "zero": 3}),
+    "dp2 tp2 zero2 gpt2 resumed": ("gpt2", {"tp": 2, "zero": 2}, True),
+    "dp2 pp2 llama resumed": ("llama", {"pp": 2}, True),
+    "tp2 pp2 sp gpt2_deep": ("gpt2_deep", {"tp": 2, "pp": 2, "sp": True}),
+}
+
+
+@pytest.mark.parametrize("world,layouts", [(2, LAYOUTS_2), (4, LAYOUTS_4)], ids=["world2", "world4"])
+def test_layouts_match_single_process(world, layouts, references):
+    results = run_distributed("tests.test_parallel_parity:layouts_worker", world, {"layouts": layouts},
+                              timeout=600)[0]
+    assert_all_match(results, layouts, references)

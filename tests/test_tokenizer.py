@@ -1,0 +1,153 @@
+"""The Tokenizer interface over sentencepiece and HF tokenizer.json, training, identity hashes, the CLI."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.tokenizer import META_FILE, SP_MODEL, load_tokenizer, train_sentencepiece
+from pretrain.cli import main
+
+SAMPLES = ["Hello  world,\n\n  indented line 12345\tTab", "Naïve café — 😀 ünïcödé", "", " leading space", "x\n"]
+
+
+def test_sentencepiece_specials_sentinels_and_round_trip(tiny_tokenizer):
+    tok = tiny_tokenizer
+    assert tok.kind == "sentencepiece" and tok.vocab_size == 1000
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.eod_id, tok.pad_id) == (0, 1, 2, 2, 3)
+    assert tok.sentinel_ids == list(range(4, 104))
+    assert 11 in tok.encode("a <extra_id_7> b")  # user-defined symbols are never split
+    for text in SAMPLES:  # identity normalization + byte fallback: every string survives exactly
+        assert tok.decode(tok.encode(text)) == text
+    batch = tok.encode_batch(SAMPLES)
+    assert all(a.dtype == np.int32 for a in batch)
+    assert [a.tolist() for a in batch] == [tok.encode(t) for t in SAMPLES]
+    assert "12345" not in "".join(tok.sp.id_to_piece(i) for i in tok.encode("12345"))  # digits split
+
+
+def test_identity_is_content_based(tiny_tokenizer, tmp_path):
+    copy = tmp_path / "elsewhere.model"
+    shutil.copy(tiny_tokenizer.path, copy)
+    assert load_tokenizer(copy).identity == tiny_tokenizer.identity
+    shutil.copy(tiny_tokenizer.path, tmp_path / SP_MODEL)
+    assert load_tokenizer(tmp_path).identity == tiny_tokenizer.identity  # a directory holding tokenizer.model
+    clone = pickle.loads(pickle.dumps(tiny_tokenizer))
+    assert clone.identity == tiny_tokenizer.identity and clone.encode("to be") == tiny_tokenizer.encode("to be")
+    other = train_sentencepiece(["to be or not to be", "that is the question"] * 50, tmp_path / "other", 300,
+                                num_threads=1, verbose=False)
+    assert other.identity != tiny_tokenizer.identity
+
+
+def test_train_writes_model_and_metadata(tiny_tokenizer):
+    meta = json.loads((Path(tiny_tokenizer.path).parent / META_FILE).read_text())
+    assert meta["identity"] == tiny_tokenizer.identity and meta["vocab_size"] == 1000
+    assert meta["t5_sentinels"] is True and meta["byte_fallback"] is True and meta["model_type"] == "bpe"
+    with pytest.raises(ValueError, match="model_type"):
+        train_sentencepiece(["a"], Path(tiny_tokenizer.path).parent / "x", 100, model_type="wordpiece")
+
+
+def _hf_tokenizer_json(path, lines):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(lines, trainer)
+    tok.save(str(path))
+
+
+def test_hf_tokenizer_json(tiny_corpus, tmp_path):
+    lines = [json.loads(line)["text"] for line in open(tiny_corpus, encoding="utf-8")][:50]
+    _hf_tokenizer_json(tmp_path / "tokenizer.json", lines)
+    tok = load_tokenizer(tmp_path)  # a directory holding tokenizer.json
+    assert tok.kind == "hf" and tok.vocab_size == 400
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 3)
+    for text in SAMPLES:
+        assert tok.decode(tok.encode(text)) == text
+    assert [a.tolist() for a in tok.encode_batch(SAMPLES)] == [tok.encode(t) for t in SAMPLES]
+    tok.num_threads = 1
+    assert [a.tolist() for a in tok.encode_batch(SAMPLES)] == [tok.encode(t) for t in SAMPLES]
+    # Re-serializing the same tokenizer with other formatting keeps the identity.
+    (tmp_path / "re").mkdir()
+    (tmp_path / "re" / "tokenizer.json").write_text(json.dumps(json.loads((tmp_path / "tokenizer.json").read_text())))
+    assert load_tokenizer(tmp_path / "re" / "tokenizer.json").identity == tok.identity
+    assert pickle.loads(pickle.dumps(tok)).encode("abc") == tok.encode("abc")
+
+
+def test_missing_tokenizer_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.model"):
+        load_tokenizer(tmp_path / "nothing.model")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model or tokenizer.json"):
+        load_tokenizer(tmp_path)
+
+
+def test_tokenizer_cli_unigram(tiny_corpus, tmp_path, capsys):
+    txt = tmp_path / "small.txt"
+    with open(tiny_corpus, encoding="utf-8") as f:
+        txt.write_text("\n".join(json.loads(line)["text"] for _, line in zip(range(40), f)), encoding="utf-8")
+    rc = main(["tokenizer", "--input", str(tmp_path / "*.txt"), "--vocab-size", "400", "--model-type", "unigram",
+               "--output", str(tmp_path / "uni"), "--quiet"])
+    assert rc == 0
+    tok = load_tokenizer(tmp_path / "uni")
+    meta = json.loads((tmp_path / "uni" / META_FILE).read_text())
+    assert meta["model_type"] == "unigram" and meta["t5_sentinels"] is False and tok.sentinel_ids == []
+    assert tok.vocab_size == 400 and tok.decode(tok.encode("Thou art")) == "Thou art"
+    assert main(["tokenizer", "--input", str(tmp_path / "missing*.txt"), "--vocab-size", "400",
+                 "--output", str(tmp_path / "x"), "--quiet"]) == 1
+    assert "missing*.txt" in capsys.readouterr().err
+
+
+EDGE = ["", " ", "   ", "a", " a", "  a  ", "a  \n", "a \n b", "\n", "x\u2581 y \u2581", "foo  bar  ", "\t a\t b ",
+        "é 😀  ü", "12 345", "a<extra_id_3> b", " \n ", "end ", "a b", "a\nb  c", "<s> </s> <pad>"]
+
+
+def test_segment_keys_cover_the_text():
+    from data.segment_cache import _SEGMENT, segment_keys
+
+    for text in EDGE:
+        keys = segment_keys(text)
+        assert "".join(k if i == 0 else " " + k for i, k in enumerate(keys)) == text
+        if "\u2581" not in text and text.strip():
+            assert keys == _SEGMENT.findall(text)  # the split() fast path agrees with the regex
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_segment_cache_is_exact(tiny_corpus, tiny_tokenizer, tmp_path, model_type):
+    texts = [json.loads(line)["text"] for _, line in zip(range(80), open(tiny_corpus, encoding="utf-8"))]
+    if model_type == "bpe":
+        tok = tiny_tokenizer
+    else:
+        from data.tokenizer import text_lines
+
+        tok = train_sentencepiece(text_lines(texts[:40]), tmp_path, 600, model_type="unigram", num_threads=1,
+                                  verbose=False)
+    assert (tok._cache is not None) == (model_type == "bpe")  # unigram: ties make segment-wise inexact
+    if tok._cache is None:
+        assert [a.tolist() for a in tok.encode_batch(texts)] == [tok.sp.encode(t) for t in texts]
+        return
+    tok._cache.max_segments = 5000  # also exercise clearing between batches
+    batch = texts + EDGE
+    plain = tok._encode_plain(batch)
+    for start in range(0, len(batch), 37):
+        got = tok.encode_batch(batch[start:start + 37])
+        assert [g.tolist() for g in got] == [p.tolist() for p in plain[start:start + 37]]
+    flat, lengths = tok.encode_flat(batch)
+    assert lengths.tolist() == [len(p) for p in plain] and flat.tolist() == np.concatenate(plain).tolist()
+
+
+def test_segment_cache_off_for_normalizing_models(tiny_corpus, tmp_path):
+    import sentencepiece as spm
+
+    texts = [json.loads(line)["text"] for _, line in zip(range(30), open(tiny_corpus, encoding="utf-8"))]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(tmp_path / "nfkc"),
+                                   vocab_size=300, minloglevel=2)  # default nmt_nfkc, collapses whitespace
+    tok = load_tokenizer(tmp_path / "nfkc.model")
+    assert tok._cache is None
+    assert [a.tolist() for a in tok.encode_batch(EDGE)] == [tok.sp.encode(t) for t in EDGE]
