@@ -99,13 +99,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     data_dir = ensure_local_eval_data()
-    if args.smollm2:
-        from pretrain.hf.smollm2 import ensure_smollm2
+    with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
+        if args.smollm2:
+            from pretrain.hf.smollm2 import ensure_smollm2
 
-        path = ensure_smollm2()
-    else:
-        path = Path(args.hf) if args.hf else random_llama(Path(tempfile.mkdtemp(prefix="bench_eval_")), data_dir)
-    ours = HFModel.from_pretrained(path, max_length=args.max_length)
+            path = ensure_smollm2()
+        else:
+            path = Path(args.hf) if args.hf else random_llama(Path(tmp), data_dir)
+        ours = HFModel.from_pretrained(path, max_length=args.max_length)
     from lm_eval.models.huggingface import HFLM
 
     theirs = HFLM(pretrained=ours.model, tokenizer=ours.tokenizer, batch_size=args.batch_size,

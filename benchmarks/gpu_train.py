@@ -32,8 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from data.loader import collate
+from pretrain.checkpoint import write_atomic
 from pretrain.config import Config, load_config
 from pretrain.engine import LocalEngine, build_engine
 from pretrain.models import attention as attn_mod
@@ -42,7 +44,8 @@ from pretrain.models.flops import flops_per_token, param_count
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"125m": "configs/gpt_125m.yaml", "350m": "configs/gpt_350m.yaml", "1.3b": "configs/gpt_1.3b.yaml"}
-MICRO_BATCH = {"125m": 16, "350m": 8, "1.3b": 4}  # sequences of 2048 that fit an 80 GB GPU without checkpointing
+BACKENDS = ("sdpa", "flash_attn")  # timed; "reference" is the checks' yardstick only
+MICRO_BATCH = {"125m": 16, "350m": 8, "1.3b": 4}  # seq 2048; estimated to fit 80 GB without checkpointing
 # Dense bf16 tensor-core peak (TFLOP/s) by device-name fragment, most specific first (NVIDIA datasheets).
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.vocab_size=256"]
@@ -61,32 +64,33 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_tflops(device: torch.device, n: int, dtype: torch.dtype, repeats: int = 10) -> float:
-    """Best rate of ``repeats`` back-to-back ``n x n`` matmuls: the practically reachable peak."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    a @ b
+def best_time(fn, device: torch.device, repeats: int = 10, trials: int = 3) -> float:
+    """Seconds per call of ``fn``: the best mean over ``trials`` rounds of ``repeats`` calls, after a warm-up."""
+    fn()
     best = float("inf")
-    for _ in range(5):
+    for _ in range(trials):
         sync(device)
         t0 = time.perf_counter()
         for _ in range(repeats):
-            a @ b
+            fn()
         sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 * repeats / best / 1e12
+        best = min(best, (time.perf_counter() - t0) / repeats)
+    return best
+
+
+def matmul_tflops(device: torch.device, n: int, dtype: torch.dtype) -> float:
+    """Rate of back-to-back ``n x n`` matmuls: the practically reachable peak."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / best_time(lambda: a @ b, device, trials=5) / 1e12
 
 
 # --- data -------------------------------------------------------------------------------------------------
 def synthetic_samples(n: int, seq: int, vocab: int, seed: int) -> list[dict[str, np.ndarray]]:
     """Learnable GPT samples in the dataset format (docs/design.md): ``start + i * stride`` mod vocab."""
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        tokens = (rng.integers(0, vocab) + np.arange(seq + 1) * rng.integers(1, 8)) % vocab
-        out.append({"input_ids": tokens[:-1].astype(np.int64), "labels": tokens[1:].astype(np.int64),
-                    "loss_mask": np.ones(seq, np.float32), "position_ids": np.arange(seq, dtype=np.int64),
-                    "document_ids": np.zeros(seq, np.int64)})
-    return out
+    tokens = (rng.integers(0, vocab, (n, 1)) + np.arange(seq + 1) * rng.integers(1, 8, (n, 1))) % vocab
+    return [{"input_ids": t[:-1], "labels": t[1:], "loss_mask": np.ones(seq, np.float32),
+             "position_ids": np.arange(seq), "document_ids": np.zeros(seq, np.int64)} for t in tokens]
 
 
 def step_batches(pool: list[dict], step: int, micro: int, accum: int) -> list[dict]:
@@ -126,43 +130,33 @@ class PhaseTimer:
         self.marks: list[tuple[str, object]] = []
 
     def mark(self, name: str) -> None:
+        value = torch.cuda.Event(enable_timing=True) if self.cuda else time.perf_counter()
         if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append((name, event))
-        else:
-            self.marks.append((name, time.perf_counter()))
+            value.record()
+        self.marks.append((name, value))
 
     def _ms(self, a, b) -> float:
         return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
     def breakdown(self) -> dict[str, float]:
-        """Mean ms per step: h2d (step start to first forward), forward, backward (incl. clipping and the
-        engine's host syncs), optimizer, other (zero_grad, bookkeeping)."""
-        steps, totals = 0, dict.fromkeys(("h2d", "forward", "backward", "optimizer", "other"), 0.0)
-        for step in _split(self.marks):
-            marks = {}
-            for name, value in step:
-                marks.setdefault(name, []).append(value)
+        """Mean ms per step: data (step start to first forward: host-to-device copies), forward, backward (incl.
+        clipping and the engine's host syncs), optimizer, other (zero_grad, bookkeeping)."""
+        steps: list[dict[str, list]] = []
+        for name, value in self.marks:
+            if name == "start":
+                steps.append({})
+            steps[-1].setdefault(name, []).append(value)
+        totals = dict.fromkeys(("data", "forward", "backward", "optimizer", "other"), 0.0)
+        for marks in steps:
             fwd = sum(self._ms(a, b) for a, b in zip(marks["fwd_start"], marks["fwd_end"]))
             opt_start = marks.get("opt_start", marks["end"])[0]
             opt_end = marks.get("opt_end", marks["end"])[0]
-            totals["h2d"] += self._ms(marks["start"][0], marks["fwd_start"][0])
+            totals["data"] += self._ms(marks["start"][0], marks["fwd_start"][0])
             totals["forward"] += fwd
             totals["backward"] += self._ms(marks["fwd_start"][0], opt_start) - fwd
             totals["optimizer"] += self._ms(opt_start, opt_end)
             totals["other"] += self._ms(opt_end, marks["end"][0])
-            steps += 1
-        return {k: v / max(steps, 1) for k, v in totals.items()}
-
-
-def _split(marks: list[tuple[str, object]]) -> list[list[tuple[str, object]]]:
-    steps: list[list] = []
-    for name, value in marks:
-        if name == "start":
-            steps.append([])
-        steps[-1].append((name, value))
-    return steps
+        return {k: v / max(len(steps), 1) for k, v in totals.items()}
 
 
 def count_host_syncs(device: torch.device, fn) -> int | None:
@@ -180,16 +174,33 @@ def count_host_syncs(device: torch.device, fn) -> int | None:
     return sum("synchronizing" in str(w.message) for w in caught)
 
 
-def time_training(cfg: Config, args, compile_backend: str | None, matmul: float, peak: float | None) -> dict:
+def top_ops(device: torch.device, fn, n: int = 12) -> list[dict]:
+    """The ``n`` ops/kernels with the most self time (device time on CUDA) in ``fn()``: where a step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) \
+            as prof:
+        fn()
+        sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    top = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:n]
+    return [{"name": e.key[:90], "calls": e.count, "ms": getattr(e, attr) / 1e3, "share": getattr(e, attr) / total}
+            for e in top]
+
+
+def time_training(cfg: Config, args, compile_backend: str | None, matmul: float, peak: float | None,
+                  profile: bool = False) -> dict:
     """Warm up, then time ``args.steps`` engine steps with one sync at the end; breakdown from the hooks."""
     device = torch.device(args.device)
     torch.manual_seed(0)
     with device:  # parameters are initialised where they live
         model = build_model(cfg.family, cfg.model)
     n_params = param_count(cfg.model)
+    torch._dynamo.reset()  # drop the previous run's compiled graphs (and the weights they hold)
+    torch._dynamo.utils.counters.clear()
     if compile_backend:
-        torch._dynamo.reset()
-        torch._dynamo.utils.counters.clear()
         model = torch.compile(model, backend=compile_backend)
     engine = LocalEngine(cfg, model, device)
     timer = PhaseTimer(device)
@@ -225,12 +236,12 @@ def time_training(cfg: Config, args, compile_backend: str | None, matmul: float,
         step(args.warmup + i)
     sync(device)
     wall = (time.perf_counter() - t0) / args.steps
-    parts = timer.breakdown()
-    parts["h2d"] += 1e3 * data_s / args.steps  # + collating on the host
+    parts_ms = timer.breakdown()
+    parts_ms["data"] += 1e3 * data_s / args.steps  # + collating on the host
     syncs = count_host_syncs(device, lambda: step(args.warmup + args.steps))
+    ops = top_ops(device, lambda: step(args.warmup + args.steps + 1)) if profile else None
     tokens = t.global_batch_size * args.seq
     tflops = tokens / wall * flops_per_token(cfg.model, args.seq) / 1e12
-    parts_ms = {"data": parts.pop("h2d"), **parts}
     parts_ms["host_gap"] = 1e3 * wall - sum(parts_ms.values())  # time the device waited outside the marks
     counters = torch._dynamo.utils.counters
     graphs = (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())) if compile_backend else ()
@@ -242,7 +253,7 @@ def time_training(cfg: Config, args, compile_backend: str | None, matmul: float,
             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
             "breakdown_ms": parts_ms, "host_syncs_per_step": syncs, "warmup_s": warmup_s,
             "compiled_graphs": graphs[0] if graphs else None, "graph_breaks": graphs[1] if graphs else None,
-            "loss_first": losses[0], "loss_last": losses[-1]}
+            "loss_first": losses[0], "loss_last": losses[-1], "top_ops": ops}
 
 
 # --- correctness checks ------------------------------------------------------------------------------------
@@ -256,7 +267,7 @@ def check_attention(device: torch.device, dry_run: bool) -> dict:
     b, s, hq, hkv, d = (2, 64, 4, 2, 32) if dry_run else (2, 1024, 16, 4, 128)
     docs = torch.cumsum(torch.rand(b, s, device=device) < 4 / s, dim=1)  # ~4 documents per row
     results, ok = {}, True
-    for backend, (name, kw) in itertools.product(attn_mod.BACKENDS[:2], [
+    for backend, (name, kw) in itertools.product(BACKENDS, [
             ("causal_gqa", {}), ("causal_documents", {"document_ids": docs})]):
         if backend == "flash_attn" and (attn_mod.flash_attn_func is None or device.type != "cuda"):
             results[f"{backend}/{name}"] = "skipped: flash-attn not importable (or not on CUDA)"
@@ -268,11 +279,10 @@ def check_attention(device: torch.device, dry_run: bool) -> dict:
         for which in (backend, "reference"):
             out = attn_mod.attention(q, k, v, causal=True, backend=which, **kw)
             outs[which] = (out, *torch.autograd.grad(out, (q, k, v), grad_out))
-        errs = [_rel_err(x, r) for x, r in zip(outs[backend], outs["reference"])]
-        passed = errs[0] <= ATTN_TOL["out"] and max(errs[1:]) <= ATTN_TOL["grad"]
-        ok &= passed
-        results[f"{backend}/{name}"] = {"out": errs[0], "dq": errs[1], "dk": errs[2], "dv": errs[3],
-                                        "passed": passed}
+        errs = dict(zip(("out", "dq", "dk", "dv"), map(_rel_err, outs[backend], outs["reference"])))
+        errs["passed"] = errs["out"] <= ATTN_TOL["out"] and max(errs["dq"], errs["dk"], errs["dv"]) <= ATTN_TOL["grad"]
+        ok &= errs["passed"]
+        results[f"{backend}/{name}"] = errs
     return {"passed": ok, "tolerance": ATTN_TOL, "shape_bshd": [b, s, hq, hkv, d], "cases": results}
 
 
@@ -301,12 +311,12 @@ def check_zero(args) -> dict:
         from parallel.engine import build_engine as build_parallel_engine
     except ImportError as e:
         return {"passed": None, "skipped": f"parallel.engine not importable: {e}"}
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+    with socket.socket() as sock:  # a one-process group on a free port
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port), ("RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("LOCAL_RANK", "0")):
         os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     steps, results, ok = (3 if args.dry_run else 10), {}, True
     for precision in ("fp32",) if args.device == "cpu" else ("fp32", "bf16"):
         cfg = tiny_config(args, precision)
@@ -320,14 +330,12 @@ def check_zero(args) -> dict:
             ok &= passed
             results[f"zero{zero}/{precision}"] = {"loss_max_rel": loss_rel, "grad_norm_max_rel": norm_rel,
                                                   "passed": passed, "losses": ds[0], "plain": plain[0]}
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.destroy_process_group()
     return {"passed": ok, "tolerance": ZERO_RTOL, "steps": steps, "cases": results}
 
 
-def time_attention_kernels(device: torch.device, dry_run: bool, repeats: int = 10) -> dict:
+def time_attention_kernels(device: torch.device, dry_run: bool) -> dict:
     """Causal attention forward+backward alone at the 1.3B shape, per SDPA kernel and flash-attn: what the
     ``sdpa`` backend's dispatcher picks vs the best available kernel. TFLOP/s counts the causal half only."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -344,14 +352,8 @@ def time_attention_kernels(device: torch.device, dry_run: bool, repeats: int = 1
             with sdpa_kernel([kernel]) if kernel is not None else contextlib.nullcontext():
                 attn_mod.attention(q, k, v, causal=True, backend=backend).sum().backward()
         try:
-            call()
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                call()
-            sync(device)
-            ms = (time.perf_counter() - t0) / repeats * 1e3
-            out[name] = {"ms": ms, "tflops": 7 * b * s * s * h * d / 2 / ms / 1e9}
+            ms = 1e3 * best_time(call, device)
+            out[name] = {"ms": ms, "tflops": 7 * b * s * s * h * d / ms / 1e9}  # 3.5 x 4bs^2hd / 2
         except (RuntimeError, ValueError) as e:  # kernel not available for this device/dtype/shape
             out[name] = {"error": str(e).splitlines()[0][:200]}
     return out
@@ -408,18 +410,23 @@ def markdown(results: dict) -> str:
             f"{_f(r.get('peak_mem_gb'), '.1f')} | " + " | ".join(
                 _f(b.get(k), '.1f') for k in ("data", "forward", "backward", "optimizer", "other", "host_gap"))
             + f" | {_f(r.get('host_syncs_per_step'), 'd')} | {r['status']} |")
+    ok = [r for r in results["runs"] if r["status"] == "ok"]
+    for model in dict.fromkeys(r["model"] for r in ok):
+        best = max((r for r in ok if r["model"] == model), key=lambda r: r["tflops"])
+        lines.append(f"\nbest {model}: {best['tflops']:.3g} TFLOP/s = {_f(best['mfu_peak'], '.1%')} MFU of peak, "
+                     f"{best['mfu_matmul']:.1%} of matmul ({best['backend']}, compile {best['compile']}, "
+                     f"ckpt {best['checkpointing']}, {best['peak_mem_gb'] or 0:.1f} GB)")
+    for r in results["runs"]:
+        if r.get("top_ops"):
+            lines += ["", f"top ops of one step, {r['model']} {r['backend']} compile {r['compile']} (self time):", "",
+                      "| op | calls | ms | share |", "|---|---|---|---|"]
+            lines += [f"| `{o['name']}` | {o['calls']} | {o['ms']:.2f} | {o['share']:.1%} |" for o in r["top_ops"]]
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def save(results: dict, out: Path | None) -> None:
     if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out, json.dumps(results, indent=1, default=float))
         write_atomic(out.with_suffix(".md"), markdown(results))
 
@@ -452,12 +459,9 @@ def parse_args(argv=None):
             setattr(args, key, tiny if dry else full)
     args.models, args.backends = args.models.split(","), args.backends.split(",")
     args.compile, args.checkpointing = both[args.compile], both[args.checkpointing]
-    for m in args.models:
-        if m not in MODELS:
-            p.error(f"--models: unknown model {m!r}; choose from {sorted(MODELS)}")
-    for b in args.backends:
-        if b not in ("sdpa", "flash_attn"):
-            p.error(f"--backends: unknown backend {b!r}; choose from sdpa, flash_attn")
+    for flag, given, valid in (("--models", args.models, MODELS), ("--backends", args.backends, BACKENDS)):
+        if set(given) - set(valid):
+            p.error(f"{flag}: unknown {sorted(set(given) - set(valid))}; choose from {', '.join(valid)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device visible (use --device cpu --dry-run to test the code path)")
     return args
@@ -465,6 +469,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before the first allocation
     device = torch.device(args.device)
     start = time.perf_counter()
     torch.set_float32_matmul_precision("highest")  # fp32 references stay fp32 (no TF32)
@@ -474,8 +479,8 @@ def main(argv=None) -> dict:
     results["runs"] = [r for r in results["runs"] if r["status"] != "skipped: budget"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results["env"] = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
-                      "flash_attn": fa or None, "peak_tflops": peak_tflops(name), "matmul_tflops": matmul, "seq": args.seq,
-                      "args": {k: str(v) for k, v in vars(args).items()}}
+                      "flash_attn": fa or None, "peak_tflops": peak_tflops(name), "matmul_tflops": matmul,
+                      "seq": args.seq, "args": {k: str(v) for k, v in vars(args).items()}}
     print(f"{results['env']['device']}: bf16 peak {results['env']['peak_tflops']} TFLOP/s, "
           f"measured matmul {matmul:.1f} TFLOP/s", flush=True)
     if not args.skip_checks and not results["checks"]:
@@ -498,11 +503,12 @@ def main(argv=None) -> dict:
             try:
                 cfg = bench_config(model, args, backend, ckpt, precision)
                 row.update(time_training(cfg, args, args.compile_backend if comp else None, matmul,
-                                         results["env"]["peak_tflops"]), status="ok")
+                                         results["env"]["peak_tflops"], profile=backend == "sdpa" and not ckpt),
+                           status="ok")
             except torch.OutOfMemoryError:
                 row["status"] = "OOM"
             except Exception as e:  # keep measuring the rest of the matrix
-                row["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+                row.update(status=f"error: {type(e).__name__}: {str(e)[:300]}", trace=traceback.format_exc())
             row["seconds"] = time.perf_counter() - t0
             gc.collect()
             if device.type == "cuda":

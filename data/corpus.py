@@ -27,7 +27,7 @@ import gzip
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 HF_PREFIX = "hf:"
@@ -50,10 +50,6 @@ class BadInputs:
     @property
     def total(self) -> int:
         return sum(asdict(self).values())
-
-    def add(self, other: "BadInputs") -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def summary(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in asdict(self).items())

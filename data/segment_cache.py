@@ -58,11 +58,12 @@ def segment_keys(text: str) -> list[str]:
 
 
 class SegmentCache:
-    """Token ids of segments seen so far, stored flat; cleared when it holds ``max_segments``."""
+    """Token ids of segments seen so far, stored flat; cleared at ``max_segments`` or ``max_tokens`` (memory)."""
 
-    def __init__(self, encode_many, max_segments: int = 1 << 19):
-        self._encode_many = encode_many  # list[str] -> list[np.ndarray], the real encoder
+    def __init__(self, encode_many, max_segments: int = 1 << 19, max_tokens: int = 1 << 24):
+        self._encode_many = encode_many  # list[str] -> list[list[int]], the real encoder
         self.max_segments = max_segments
+        self.max_tokens = max_tokens
         self.clear()
 
     def clear(self) -> None:
@@ -76,7 +77,7 @@ class SegmentCache:
         self._used = 0  # tokens stored
 
     def _store(self, first_id: int, keys: list[str]) -> None:
-        encoded = self._encode_many(keys)
+        encoded = self._encode_many(keys)  # lists, not arrays: for short segments one array each costs more
         lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
         end, total = first_id + len(keys), int(lengths.sum())
         self._starts = _grow(self._starts, end)
@@ -85,19 +86,23 @@ class SegmentCache:
         self._starts[first_id:end] = self._used + np.cumsum(lengths) - lengths
         self._lengths[first_id:end] = lengths
         if total:
-            self._tokens[self._used:self._used + total] = np.concatenate(encoded)
+            self._tokens[self._used:self._used + total] = np.fromiter(chain.from_iterable(encoded), np.int32, total)
         self._used += total
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """All texts' token ids back to back (int32) and the token count of each text."""
-        if len(self._index) >= self.max_segments:
+        if len(self._index) >= self.max_segments or self._used >= self.max_tokens:
             self.clear()
         per_text = [segment_keys(t) for t in texts]
         keys = list(chain.from_iterable(per_text))
         known = len(self._index)
         seg = np.fromiter(map(self._index.__getitem__, keys), dtype=np.int64, count=len(keys))
         if len(self._index) > known:
-            self._store(known, list(islice(self._index, known, None)))
+            try:
+                self._store(known, list(islice(self._index, known, None)))
+            except BaseException:
+                self.clear()  # the new keys have no tokens yet; never serve them
+                raise
         lengths, starts = self._lengths[seg], self._starts[seg]
         ends = np.cumsum(lengths)
         flat = self._tokens[np.repeat(starts - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)]

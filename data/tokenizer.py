@@ -113,7 +113,7 @@ class SentencePieceTokenizer(Tokenizer):
         import sentencepiece as spm
 
         self.sp = spm.SentencePieceProcessor(model_proto=self._proto)
-        self._cache = segment_cache.SegmentCache(self._encode_plain) if self._cacheable else None
+        self._cache = segment_cache.SegmentCache(self._encode_lists) if self._cacheable else None
 
     def __getstate__(self):  # picklable for worker processes: ship the model bytes, rebuild the rest
         return {k: v for k, v in self.__dict__.items() if k not in ("sp", "_cache")}
@@ -139,6 +139,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _encode_plain(self, texts: list[str]) -> list[np.ndarray]:
         return self.sp.encode(texts, out_type="numpy", num_threads=self.num_threads)
+
+    def _encode_lists(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=self.num_threads)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         if self._cache is None:
@@ -250,12 +253,12 @@ def train_sentencepiece(sentences: Iterable[str], output_dir: str | Path, vocab_
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type=model_type,
         byte_fallback=True, character_coverage=0.9995, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        pad_id=PAD_ID, unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>",
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+        unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+        unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>",
         user_defined_symbols=[sentinel_token(i) for i in range(NUM_SENTINELS)] if t5_sentinels else [],
         input_sentence_size=max_sentences, shuffle_input_sentence=True, max_sentence_length=16384,
-        num_threads=num_threads or os.cpu_count() or 1, train_extremely_large_corpus=False,
-        hard_vocab_limit=False, minloglevel=0 if verbose else 2)
+        num_threads=num_threads or os.cpu_count() or 1, hard_vocab_limit=False, minloglevel=0 if verbose else 2)
     _atomic_write(out / SP_MODEL, model.getvalue())
     tok = SentencePieceTokenizer(out / SP_MODEL)
     meta = {**tok.describe(), "path": SP_MODEL, "model_type": model_type, "t5_sentinels": t5_sentinels,

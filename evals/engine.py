@@ -30,7 +30,6 @@ from evals.model import EvalModel
 log = logging.getLogger(__name__)
 
 TokenPair = tuple[list[int], list[int]]
-PAD_MULTIPLE = 16  # right padding granularity: larger batches vs wasted positions
 
 
 def rolling_windows(tokens: list[int], prefix_token: int, max_length: int) -> list[TokenPair]:
@@ -52,9 +51,35 @@ def rolling_windows(tokens: list[int], prefix_token: int, max_length: int) -> li
 
 @dataclass
 class _Row:
-    """One forward-pass sequence and the requests that read their scores from it."""
+    """One model input and the requests that read their scores from it."""
     input_ids: list[int]
     readers: list[tuple[int, int, list[int]]]  # (request index, end position in input, continuation)
+    shared: int = 0  # leading context tokens other rows may share (0: none, e.g. after truncation)
+
+
+def _bucket(n: int, max_length: int) -> int:
+    """Padded width of an ``n``-token input; depends on ``n`` only. Steps grow with ``n`` (4 up to 64 tokens,
+    then about n/8) so padding wastes at most ~12% while batches still fill up."""
+    step = max(4, 1 << max(0, n.bit_length() - 4))
+    return min(-(-n // step) * step, max_length)
+
+
+def _pad(seqs: list[list[int]], width: int, pad_id: int) -> torch.Tensor:
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for b, seq in enumerate(seqs):
+        ids[b, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return ids
+
+
+def _read(row: _Row, start: int, logits: torch.Tensor) -> dict[int, tuple[float, bool]]:
+    """(log-likelihood, is greedy) of each request reading ``row``; ``logits`` cover positions ``start..``."""
+    logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
+    out = {}
+    for i, end, cont in row.readers:
+        lp = logprobs[end - len(cont) - start:end - start]
+        target = torch.tensor(cont)
+        out[i] = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+    return out
 
 
 class Engine:
@@ -131,21 +156,25 @@ class Engine:
 
     # ---- core -----------------------------------------------------------------------------------------------
     def loglikelihood_tokens(self, requests: list[TokenPair], desc: str = "loglikelihood") -> list[tuple[float, bool]]:
-        rows = sorted(self._plan(requests), key=lambda r: (-len(r.input_ids), r.input_ids))
-        # Rows are padded to a width that depends on their own length only (next multiple of PAD_MULTIPLE) and
-        # share a batch only with rows of that width: every row is computed with the same shapes and values
-        # whatever the batch size or the other requests (the batch dimension does not change the numbers).
+        rows = self._plan(requests)
+        self._mark_shared(rows)
+        # Rows are right-padded to widths fixed by their own lengths, and a batch only holds rows of the same
+        # widths: each row is computed with the same shapes and values whatever the batch size or the other
+        # requests (the batch dimension itself does not change the numbers). Rows sharing a context run it
+        # once per batch, then their own tokens on its KV cache.
+        rows.sort(key=lambda r: (self._key(r), r.input_ids[:r.shared], -len(r.input_ids), r.input_ids))
         batches: list[list[_Row]] = []
         for row in rows:
-            if not batches or len(batches[-1]) == self.batch_size or self._width(batches[-1][0]) != self._width(row):
+            if not batches or len(batches[-1]) == self.batch_size or self._key(batches[-1][0]) != self._key(row):
                 batches.append([])
             batches[-1].append(row)
         mine = [batches[b] for b in self._my_share(list(range(len(batches))))]
         results: dict[int, tuple[float, bool]] = {}
         bar = tqdm(total=sum(len(r.readers) for b in mine for r in b), desc=desc, disable=not self.progress, unit="req")
         for batch in mine:
-            results.update(self._score_batch(batch))
-            bar.update(sum(len(row.readers) for row in batch))
+            for row, start, logits in (self._score_shared(batch) if batch[0].shared else self._score_rows(batch)):
+                results.update(_read(row, start, logits))
+            bar.update(sum(len(r.readers) for r in batch))
         bar.close()
         results = self._gather(results)
         return [results[i] for i in range(len(requests))]
@@ -153,15 +182,16 @@ class Engine:
     def _plan(self, requests: list[TokenPair]) -> list[_Row]:
         """One row per distinct model input that is not a prefix of another input."""
         L = self.model.max_length
-        inputs = []
+        inputs, shared = [], []
         for i, (ctx, cont) in enumerate(requests):
             if not ctx or not cont:
                 raise ValueError(f"request {i}: empty context or continuation tokens (ctx={ctx}, cont={cont})")
             if len(cont) > L:
                 raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds max_length {L}")
-            if len(ctx) + len(cont) > L + 1:
-                self.truncated += 1
+            truncated = len(ctx) + len(cont) > L + 1
+            self.truncated += truncated
             inputs.append(tuple((ctx + cont)[-(L + 1):][:-1]))
+            shared.append(0 if truncated else len(ctx))
         # In lexicographic order, an input that is a prefix of some other input is directly followed by an
         # input starting with it; walking backwards assigns every input the longest one it is a prefix of.
         lex = sorted(set(inputs))
@@ -172,26 +202,44 @@ class Engine:
         rows: dict[tuple, _Row] = {}
         for i, inp in enumerate(inputs):
             key = owner[inp]
-            row = rows.setdefault(key, _Row(list(key), []))
+            row = rows.setdefault(key, _Row(list(key), [], shared[i]))
             row.readers.append((i, len(inp), requests[i][1]))
+            row.shared = min(row.shared, shared[i])
         return list(rows.values())
 
-    def _width(self, row: _Row) -> int:
-        return min(-(-len(row.input_ids) // PAD_MULTIPLE) * PAD_MULTIPLE, self.model.max_length)
+    def _mark_shared(self, rows: list[_Row]) -> None:
+        """Keep ``shared`` only where another row has the same context and the model can reuse it."""
+        count: dict[tuple, int] = {}
+        for row in rows:
+            if row.shared:
+                key = tuple(row.input_ids[:row.shared])
+                count[key] = count.get(key, 0) + 1
+        for row in rows:
+            if not self.model.supports_shared_context or count.get(tuple(row.input_ids[:row.shared]), 0) < 2:
+                row.shared = 0
 
-    def _score_batch(self, batch: list[_Row]) -> dict[int, tuple[float, bool]]:
-        ids = torch.full((len(batch), self._width(batch[0])), self.model.prefix_token_id, dtype=torch.long)
-        for b, row in enumerate(batch):
-            ids[b, :len(row.input_ids)] = torch.tensor(row.input_ids)
-        starts = [min(end - len(cont) for _, end, cont in row.readers) for row in batch]
-        out = {}
-        for row, start, logits in zip(batch, starts, self.model.logits(ids, starts)):
-            logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
-            for i, end, cont in row.readers:
-                lp = logprobs[end - len(cont) - start:end - start]
-                target = torch.tensor(cont)
-                out[i] = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
-        return out
+    def _key(self, row: _Row) -> tuple[int, int]:
+        """(context width, width of the rest) for shared rows; (0, input width) otherwise."""
+        L = self.model.max_length
+        return (_bucket(row.shared, L), _bucket(len(row.input_ids) - row.shared, L)) if row.shared else \
+            (0, _bucket(len(row.input_ids), L))
+
+    def _score_rows(self, batch: list[_Row]) -> list[tuple[_Row, int, torch.Tensor]]:
+        ids = _pad([r.input_ids for r in batch], self._key(batch[0])[1], self.model.prefix_token_id)
+        spans = [(min(end - len(cont) for _, end, cont in r.readers), len(r.input_ids)) for r in batch]
+        return [(r, s, lg) for r, (s, _), lg in zip(batch, spans, self.model.logits(ids, spans))]
+
+    def _score_shared(self, batch: list[_Row]) -> list[tuple[_Row, int, torch.Tensor]]:
+        """Each distinct context of the batch once, then every row's remaining tokens on its KV cache."""
+        index: dict[tuple, int] = {}
+        owner = [index.setdefault(tuple(r.input_ids[:r.shared]), len(index)) for r in batch]
+        contexts = list(index)
+        wc, wr = self._key(batch[0])
+        rests = [r.input_ids[r.shared:] for r in batch]
+        last, rest_logits = self.model.shared_context_logits(
+            _pad([list(c) for c in contexts], wc, self.model.prefix_token_id), [len(c) for c in contexts],
+            _pad(rests, wr, self.model.prefix_token_id), owner, [len(x) for x in rests])
+        return [(r, r.shared - 1, torch.cat([last[g], lg])) for r, g, lg in zip(batch, owner, rest_logits)]
 
     # ---- data parallel --------------------------------------------------------------------------------------
     @staticmethod

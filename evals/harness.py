@@ -103,3 +103,10 @@ def _normalise(text: str, opts: dict) -> str:
     if opts.get("ignore_punctuation"):
         text = text.translate(str.maketrans("", "", string.punctuation))
     return text
+
+
+def scalar_metrics(results: dict, prefix: str = "eval") -> dict[str, float]:
+    """Flat ``{"eval/<task>/<k>shot/<metric>": value}`` for the trainer's metric logger (every N steps it
+    wraps the live model in :class:`~evals.pretrain_model.PretrainModel` and calls :func:`evaluate_tasks`)."""
+    return {f"{prefix}/{row['task']}/{row['num_fewshot']}shot/{name}": value
+            for row in results["results"] for name, value in row["metrics"].items()}

@@ -6,7 +6,7 @@ before lm-eval resolves ``--model``. Importing this module does that. From the s
 ``lm-eval`` command::
 
     python -m evals.lm_eval_plugin run --model pretrain --model_args checkpoint=CKPT_DIR --tasks hellaswag
-    python -m evals.lm_eval_plugin run --model pretrain --model_args hf=HF_DIR,batch_size=32 --tasks ...
+    python -m evals.lm_eval_plugin run --model pretrain --model_args hf=HF_DIR --batch_size 32 --tasks ...
 
 and from Python ``import evals.lm_eval_plugin`` before ``lm_eval.simple_evaluate(model="pretrain", ...)``.
 ``model_args``: ``checkpoint`` or ``hf``, optional ``tokenizer``, ``max_length``, ``device``.
@@ -14,6 +14,7 @@ and from Python ``import evals.lm_eval_plugin`` before ``lm_eval.simple_evaluate
 
 from __future__ import annotations
 
+import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
@@ -21,13 +22,14 @@ from evals.engine import Engine
 from evals.model import EvalModel, load_model
 
 
-@register_model("pretrain")
 class PretrainLM(LM):
     def __init__(self, checkpoint: str | None = None, hf: str | None = None, tokenizer: str | None = None,
                  max_length: int | None = None, device: str | None = None, batch_size: int | str | None = 16,
                  model: EvalModel | None = None, **_ignored):
         super().__init__()
-        self.eval_model = model or load_model(checkpoint, hf, tokenizer, device or "cpu",
+        if not device or (device.startswith("cuda") and not torch.cuda.is_available()):
+            device = "cpu"  # lm-eval's CLI passes device="cuda" unless told otherwise
+        self.eval_model = model or load_model(checkpoint, hf, tokenizer, device,
                                               int(max_length) if max_length else None)
         bs = int(batch_size) if str(batch_size or "").isdigit() else 16  # "auto" -> default
         self.engine = Engine(self.eval_model, batch_size=bs)
@@ -55,11 +57,10 @@ class PretrainLM(LM):
         return out  # type: ignore[return-value]
 
 
-def main() -> None:
+if __name__ == "__main__":  # `python -m evals.lm_eval_plugin ...`: register the importable class, run lm-eval
+    import evals.lm_eval_plugin  # noqa: F401
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()
-
-
-if __name__ == "__main__":
-    main()
+else:
+    register_model("pretrain")(PretrainLM)

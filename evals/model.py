@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 DEFAULT_MAX_LENGTH = 2048
+MIN_HEAD_ROWS = 4
 
 
 class EvalModel:
@@ -32,11 +33,20 @@ class EvalModel:
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
-    def logits(self, input_ids: torch.Tensor, starts: list[int]) -> list[torch.Tensor]:
+    supports_shared_context: bool = False
+
+    def logits(self, input_ids: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
         """For each row ``b`` of the causally masked, right-padded ``input_ids`` ``[batch, seq]``: logits
-        ``[seq - starts[b], vocab]`` of positions ``starts[b]..seq-1``. Applying the output layer only to
-        scored positions is a large share of the speed-up over full logits; applying it row by row keeps each
-        row's numbers independent of the other rows in the batch."""
+        ``[stop - start, vocab]`` of positions ``start..stop-1`` (``spans[b]``). Applying the output layer
+        only to scored positions is part of the speed-up over full logits (see :func:`head_on_rows`)."""
+        raise NotImplementedError
+
+    def shared_context_logits(self, contexts: torch.Tensor, context_lens: list[int], rests: torch.Tensor,
+                              owner: list[int], rest_lens: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Run each right-padded context ``[g, wc]`` once, then each rest ``[r, wr]`` (continuing context
+        ``owner[r]``) on that context's KV cache. Returns the logits of every context's last real position
+        (``[1, vocab]`` each) and of every rest's real positions (``[rest_lens[r], vocab]``). Only needed when
+        ``supports_shared_context``; it saves recomputing a multiple-choice context once per choice."""
         raise NotImplementedError
 
     def greedy_generate(self, ids: list[int], max_new_tokens: int, stop: list[str]) -> list[int]:
@@ -88,14 +98,35 @@ class HFModel(EvalModel):
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    @property
+    def supports_shared_context(self) -> bool:
+        return not self._softcap
+
     @torch.inference_mode()
-    def logits(self, input_ids: torch.Tensor, starts: list[int]) -> list[torch.Tensor]:
+    def logits(self, input_ids: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
         if self._softcap:  # the head is not a plain linear layer: let the model apply it
             full = self.model(input_ids.to(self.device), use_cache=False).logits
-            return [full[b, s:] for b, s in enumerate(starts)]
+            return [full[b, a:z] for b, (a, z) in enumerate(spans)]
         h = self.model.base_model(input_ids.to(self.device), use_cache=False).last_hidden_state
-        head = self.model.get_output_embeddings()
-        return [head(h[b, s:]) for b, s in enumerate(starts)]
+        return head_on_rows(self.model.get_output_embeddings(), h, spans)
+
+    @torch.inference_mode()
+    def shared_context_logits(self, contexts, context_lens, rests, owner, rest_lens):
+        from transformers import DynamicCache
+
+        head, cache = self.model.get_output_embeddings(), DynamicCache()
+        h = self.model.base_model(contexts.to(self.device), past_key_values=cache, use_cache=True).last_hidden_state
+        last = head_on_rows(head, h, [(n - 1, n) for n in context_lens])
+        if rests.shape[1] == 0:
+            return last, [h.new_zeros(0, last[0].shape[-1]) for _ in owner]
+        cache.reorder_cache(torch.tensor(owner, device=self.device))
+        wc, wr = contexts.shape[1], rests.shape[1]
+        lens = torch.tensor([context_lens[g] for g in owner])
+        mask = torch.cat([torch.arange(wc)[None] < lens[:, None], torch.ones(len(owner), wr, dtype=torch.bool)], 1)
+        h = self.model.base_model(rests.to(self.device), past_key_values=cache, use_cache=True,
+                                  attention_mask=mask.long().to(self.device),
+                                  position_ids=(lens[:, None] + torch.arange(wr)).to(self.device)).last_hidden_state
+        return last, head_on_rows(head, h, [(0, n) for n in rest_lens])
 
     @torch.inference_mode()
     def greedy_generate(self, ids: list[int], max_new_tokens: int, stop: list[str]) -> list[int]:
@@ -111,6 +142,19 @@ class HFModel(EvalModel):
                 break
             step = torch.tensor([[token]], device=self.device)
         return new
+
+
+def head_on_rows(head, h: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """``head`` applied to positions ``spans[b]`` of each row of ``h`` ``[batch, seq, dim]`` in one matmul
+    (reading the vocab-sized weight once per batch). CPU GEMM kernels take another path below
+    ``MIN_HEAD_ROWS`` rows, so tiny inputs are padded with zero rows: each row's logits then do not depend on
+    how many other rows are in the call."""
+    parts = [h[b, a:z] for b, (a, z) in enumerate(spans)]
+    x = torch.cat(parts)
+    n = x.shape[0]
+    if n < MIN_HEAD_ROWS:
+        x = torch.cat([x, x.new_zeros(MIN_HEAD_ROWS - n, x.shape[1])])
+    return list(head(x)[:n].split([len(p) for p in parts]))
 
 
 def _config_max_length(config, tokenizer) -> int:

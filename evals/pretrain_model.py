@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from evals.model import EvalModel
+from evals.model import EvalModel, head_on_rows
 
 
 class PretrainModel(EvalModel):
@@ -38,11 +38,11 @@ class PretrainModel(EvalModel):
         return self.tokenizer.decode([i for i in ids if i not in (self.tokenizer.bos_id, self.tokenizer.eos_id)])
 
     @torch.inference_mode()
-    def logits(self, input_ids: torch.Tensor, starts: list[int]) -> list[torch.Tensor]:
+    def logits(self, input_ids: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
         was_training = self.model.training
         self.model.eval()
         h, _ = self.model.hidden(input_ids.to(self.device))
-        out = [self.model.layers.gather_logits(self.model.head(h[b, s:])) for b, s in enumerate(starts)]
+        out = [self.model.layers.gather_logits(x) for x in head_on_rows(self.model.head, h, spans)]
         self.model.train(was_training)
         return out
 

@@ -98,10 +98,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"cancelled job {slurm.cancel(args.run_dir)}")
         elif args.mode == "wait":
             t0 = time.monotonic()
-            info = slurm.wait(slurm.last_job_id(args.run_dir), args.timeout)
-            print(f"job {info.get('JobId')}: {info.get('JobState', 'finished')} after {time.monotonic() - t0:.0f} s, "
-                  f"exit code {info.get('ExitCode')}")
-            return 0 if info.get("JobState", "COMPLETED") == "COMPLETED" else 1
+            records = slurm.wait(slurm.last_job_id(args.run_dir), args.timeout)
+            if not records:
+                print("job no longer known to Slurm (it finished a while ago): see `pretrain launch logs`")
+            for r in records:
+                print(f"job {r.get('JobId')}: {r.get('JobState')} after {time.monotonic() - t0:.0f} s, "
+                      f"exit code {r.get('ExitCode')}")
+            return 0 if all(r.get("JobState") == "COMPLETED" for r in records) else 1
         return 0
     except (slurm.LaunchError, ValueError) as e:
         print(f"pretrain launch: {e}", file=sys.stderr)

@@ -64,7 +64,7 @@ def _q(args) -> str:
 
 
 def _header(job: SlurmJob) -> list[str]:
-    tasks = job.gpus_per_node if job.task_per_rank or job.array else 1
+    tasks = job.gpus_per_node if job.task_per_rank and not job.array else 1
     opts = [("job-name", job.job_name), ("nodes", job.nodes), ("ntasks-per-node", tasks)]
     if job.request_gpus and job.gpus_per_node and not job.array:
         opts.append(("gpus-per-node", job.gpus_per_node))
@@ -107,13 +107,19 @@ trap on_warning USR1
 {srun} bash -c '
   {launch}
   rc=$?
-  [ $rc = 0 ] || echo "[pretrain] $(date +%T) {who} failed with exit code $rc" >&2
+  if [ $rc != 0 ] && [ -e "$PRETRAIN_STOP_FILE" ]; then
+    echo "[pretrain] $(date +%T) {who} stopped on request (exit code $rc)" >&2
+  elif [ $rc != 0 ]; then
+    echo "[pretrain] $(date +%T) {who} failed with exit code $rc$([ $rc -gt 128 ] && echo " (signal $((rc - 128)))")" >&2
+  fi
   exit $rc' "$PYTHON" {command} &
 srun_pid=$!
 wait $srun_pid; rc=$?
 while kill -0 $srun_pid 2>/dev/null; do wait $srun_pid; rc=$?; done  # a trapped signal interrupts wait
 
 if [ $preempted = 1 ] && [ $rc != 0 ]; then
+  # the trainer exits 75 after its checkpoint (torchrun reports that as a failure: expected here)
+  echo "[pretrain] $(date +%T) stopped at the time-limit warning; requeueing to resume from the checkpoint"
   "$PYTHON" -m launch.preemption requeue && exit 0   # at most PRETRAIN_REQUEUE_LIMIT times
 fi
 echo "[pretrain] $(date +%T) job $SLURM_JOB_ID finished with exit code $rc"
@@ -239,6 +245,20 @@ def prepare_job(job: SlurmJob) -> str:
     return render_script(job)
 
 
+def _slurm(*cmd: str) -> subprocess.CompletedProcess:
+    """Run a Slurm client command; a missing one is a clear error, not a traceback."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise LaunchError(f"`{cmd[0]}` not found: run this where Slurm's client commands are installed "
+                          f"(a login node), or use --dry-run to see the script") from None
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "(no message)"
+
+
 def write_script(job: SlurmJob, text: str) -> Path:
     (job.run_dir / "logs").mkdir(parents=True, exist_ok=True)
     path = job.run_dir / "job.sbatch"
@@ -252,9 +272,9 @@ def write_script(job: SlurmJob, text: str) -> Path:
 def submit(job: SlurmJob) -> str:
     """Write ``RUN_DIR/job.sbatch``, submit it, record the job id in ``RUN_DIR/jobs.txt``; returns the id."""
     path = write_script(job, prepare_job(job))
-    out = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+    out = _slurm("sbatch", "--parsable", str(path))
     if out.returncode != 0:
-        raise LaunchError(f"sbatch refused {path}: {out.stderr.strip() or out.stdout.strip()}")
+        raise LaunchError(f"sbatch refused {path}: {_last_line(out.stderr or out.stdout)}")
     job_id = out.stdout.strip().split(";")[0]
     with open(job.run_dir / "jobs.txt", "a") as f:
         f.write(f"{job_id}\n")
@@ -269,22 +289,30 @@ def last_job_id(run_dir: Path) -> str:
     return ids[-1]
 
 
-def job_info(job_id: str) -> dict[str, str]:
-    """``scontrol show job`` as a dict (empty once Slurm forgot the job, MinJobAge after it ended)."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+def job_records(job_id: str) -> list[dict[str, str]]:
+    """``scontrol show job`` as dicts, one per job (or array task); empty once Slurm forgot the job
+    (MinJobAge after it ended)."""
+    out = _slurm("scontrol", "show", "job", "-o", job_id)
+    if out.returncode != 0 and "Invalid job id" in out.stderr:
+        return []
     if out.returncode != 0:
-        return {}
-    return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", out.stdout))
+        raise LaunchError(f"scontrol show job {job_id}: {_last_line(out.stderr)}")
+    return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in out.stdout.splitlines() if line.strip()]
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    records = job_records(job_id)
+    return records[0] if records else {}
 
 
 def status(run_dir: Path) -> str:
     job_id = last_job_id(run_dir)
-    info = job_info(job_id)
-    if not info:
+    records = job_records(job_id)
+    if not records:
         return f"job {job_id}: no longer known to Slurm (finished); see `pretrain launch logs {run_dir}`"
-    return (f"job {job_id}: {info.get('JobState')} (reason {info.get('Reason')}), restarts {info.get('Restarts')}, "
-            f"run time {info.get('RunTime')} of {info.get('TimeLimit')}, nodes {info.get('NodeList')}, "
-            f"exit code {info.get('ExitCode')}")
+    return "\n".join(f"job {r.get('JobId')}: {r.get('JobState')} (reason {r.get('Reason')}), restarts "
+                     f"{r.get('Restarts')}, run time {r.get('RunTime')} of {r.get('TimeLimit')}, nodes "
+                     f"{r.get('NodeList')}, exit code {r.get('ExitCode')}" for r in records)
 
 
 def log_files(run_dir: Path) -> list[Path]:
@@ -302,17 +330,22 @@ def logs(run_dir: Path, follow: bool = False) -> None:
 
 def cancel(run_dir: Path) -> str:
     job_id = last_job_id(run_dir)
-    subprocess.run(["scancel", job_id], check=True)
+    out = _slurm("scancel", job_id)
+    if out.returncode != 0:
+        raise LaunchError(f"scancel {job_id} failed: {_last_line(out.stderr)}")
     return job_id
 
 
-def wait(job_id: str, timeout_s: float, poll_s: float = 0.5) -> dict[str, str]:
-    """Poll until the job left the queue; returns its final ``scontrol`` record."""
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}
+
+
+def wait(job_id: str, timeout_s: float, poll_s: float = 0.5) -> list[dict[str, str]]:
+    """Poll until the job (every task of an array) has finished; returns the final ``scontrol`` records."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        info = job_info(job_id)
-        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                                    "BOOT_FAIL", "DEADLINE", "PREEMPTED") or not info:
-            return info
+        records = job_records(job_id)
+        if all(r.get("JobState") in FINAL_STATES for r in records):
+            return records
         time.sleep(poll_s)
-    raise TimeoutError(f"job {job_id} still {job_info(job_id).get('JobState')} after {timeout_s:g} s")
+    raise TimeoutError(f"job {job_id} not finished after {timeout_s:g} s: {job_records(job_id)}")

@@ -1,4 +1,5 @@
-"""The parallel engine: DeepSpeed ZeRO data parallelism around a (tensor/sequence-parallel) model.
+"""Parallel engines: ``build_engine(cfg)`` picks :class:`DeepSpeedEngine` (ZeRO 0-3 data parallelism around a
+tensor/sequence-parallel model) or, with ``pp > 1``, :class:`parallel.pipeline.PipelineEngine`.
 
 Same interface as :class:`pretrain.engine.LocalEngine` (``train_step(micro_batches, lr)`` and friends), so the
 trainer does not know the layout. What this adds:
@@ -23,6 +24,7 @@ import torch.nn as nn
 
 from parallel.mesh import DeepSpeedMPU, Layout, Mesh
 from parallel.validate import validate_layout
+from parallel.zero import load_model_state, load_optimizer_state, model_state, optimizer_state
 from pretrain.config import Config
 from pretrain.engine import Engine, move, pick_device
 from pretrain.models import build_model
@@ -159,13 +161,9 @@ class DeepSpeedEngine(Engine):
         return {"lm_loss_sum": lm_sum, "num_tokens": tokens}
 
     def state_dict(self):
-        from parallel.zero import optimizer_state, model_state
-
         return {"model": model_state(self.ds), "optimizer": optimizer_state(self.ds)}
 
     def load_state_dict(self, state):
-        from parallel.zero import load_model_state, load_optimizer_state
-
         load_model_state(self.ds, state["model"])
         load_optimizer_state(self.ds, state["optimizer"])
 

@@ -16,11 +16,13 @@ all-reduced before the step, so each micro-batch's summed loss is divided by the
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
 from parallel.mesh import Mesh
@@ -89,7 +91,8 @@ def _split_model(model: nn.Module, stage_ids: list[int], num_stages: int) -> lis
 
 
 class PipelineEngine(Engine):
-    """Pipeline x tensor x data parallel; gradients averaged over the data group, global-norm clipping."""
+    """Pipeline x tensor x data parallel (ZeRO-0 or 1); gradients summed over the data group (each
+    micro-batch loss is already divided by the global token count), then global-norm clipping."""
 
     def __init__(self, cfg: Config, model: nn.Module, mesh: Mesh, device: torch.device):
         self.cfg, self.mesh, self.device = cfg, mesh, device
@@ -105,17 +108,24 @@ class PipelineEngine(Engine):
 
             register_sequence_parallel_grad_hooks(self.model, mesh.group("tp"))
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        if cfg.parallel.zero == 1:  # optimizer state sharded over the data group (what ZeRO-1 does)
+            opt = self.optimizer
+            accepted = inspect.signature(type(opt)).parameters  # defaults also hold derived entries
+            self.optimizer = ZeroRedundancyOptimizer(
+                [dict(g) for g in opt.param_groups], type(opt), process_group=mesh.group("dp"),
+                **{k: v for k, v in opt.defaults.items() if k in accepted})
+        # this rank's own optimizer (its shard under ZeRO-1): what a same-layout checkpoint saves
+        self._local_optimizer = getattr(self.optimizer, "optim", self.optimizer)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self._token_scale = 1.0
 
-    # the schedule is rebuilt per step: the number of micro-batches may change (batch ramp-up)
-    def _schedule(self, n_micro: int, train: bool):
+    def _schedule(self, n_micro: int):
+        """Built per step: the number of micro-batches may change (batch-size ramp-up)."""
         pp_stages = [PipelineStage(s, i, len(self.stage_ids) * self.mesh.layout.pp, self.device,
                                    group=self.mesh.group("pp")) for s, i in zip(self.stages, self.stage_ids)]
-        loss_fn = self._loss
         if len(pp_stages) == 1:
-            return Schedule1F1B(pp_stages[0], n_micro, loss_fn=loss_fn, scale_grads=False)
-        return ScheduleInterleaved1F1B(pp_stages, n_micro, loss_fn=loss_fn, scale_grads=False)
+            return Schedule1F1B(pp_stages[0], n_micro, loss_fn=self._loss, scale_grads=False)
+        return ScheduleInterleaved1F1B(pp_stages, n_micro, loss_fn=self._loss, scale_grads=False)
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         labels, mask = target[..., 0].long(), target[..., 1].to(torch.float32)
@@ -130,7 +140,7 @@ class PipelineEngine(Engine):
         self._token_scale = 1.0 / total
         batch = {k: torch.cat([mb[k] for mb in micro_batches]).to(self.device) for k in micro_batches[0]}
         target = torch.stack([batch["labels"].double(), batch["loss_mask"].double()], dim=-1)
-        schedule = self._schedule(len(micro_batches), train)
+        schedule = self._schedule(len(micro_batches))
         losses: list[torch.Tensor] = []
         first = self.stage_ids[0] == 0
         args = (batch["input_ids"],) if first else ()
@@ -190,11 +200,11 @@ class PipelineEngine(Engine):
 
     def state_dict(self):
         return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                "optimizer": self.optimizer.state_dict()}
+                "optimizer": self._local_optimizer.state_dict()}
 
     def load_state_dict(self, state):
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._local_optimizer.load_state_dict(state["optimizer"])
 
 
 class _StageList(nn.ModuleList):

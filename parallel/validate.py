@@ -11,7 +11,7 @@ from typing import Any
 
 from pretrain.config import Config, ConfigError
 
-IMPLEMENTED = "implemented: tp (+sp) x dp with ZeRO 0-3; GPT pp (1F1B, interleaved) x tp x dp with ZeRO 0"
+IMPLEMENTED = "implemented: GPT tp (+sp) x dp with ZeRO 0-3; GPT pp (1F1B, interleaved) x tp x dp with ZeRO 0-1"
 
 
 def _model_sizes(cfg: Config) -> dict[str, int]:
@@ -81,9 +81,11 @@ def validate(cfg: Config) -> None:
                                    f"first and last stage is not synchronized yet; untie it or use pp=1")
         need(not m.document_masking, f"parallel.pp={p.pp} with model.document_masking: document ids are not "
                                      f"passed between stages yet; use pp=1")
-        need(p.zero == 0, f"parallel.pp={p.pp} with parallel.zero={p.zero}: the pipeline engine has no ZeRO "
-                          f"yet; use parallel.zero=0 with pp, or pp=1 with ZeRO")
+        need(not cfg.model.moe.enabled, f"parallel.pp={p.pp} with Switch layers: auxiliary losses of earlier "
+                                        f"stages do not reach the loss yet; use pp=1 for Switch models")
     need(p.ep == 1, f"parallel.ep={p.ep}: expert parallelism is not implemented yet ({IMPLEMENTED})")
+    need(cfg.family != "t5" or p.tp == 1, f"parallel.tp={p.tp} with T5: tensor parallelism is not verified "
+                                          f"against one process for T5 yet; use tp=1 (data parallel, any ZeRO)")
     need(not (moe.enabled and p.tp > 1), f"parallel.tp={p.tp} with Switch layers: the experts are not tensor-"
                                          f"parallel yet; use tp=1 (data parallel, any ZeRO stage) for Switch models")
 
@@ -103,6 +105,11 @@ def validate_layout(cfg: Config, world_size: int) -> None:
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
                           f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+    micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
+    if p.pp > 1 and micro_batches < p.pp:
+        raise ConfigError(f"parallel.pp={p.pp} needs at least {p.pp} micro-batches per step, but "
+                          f"train.global_batch_size / (micro_batch_size x dp) = {micro_batches}: raise "
+                          f"train.global_batch_size or lower train.micro_batch_size")
     if cfg.schedule.rampup_start is not None:
         for key in ("rampup_start", "rampup_increment"):
             n = getattr(cfg.schedule, key)

@@ -282,6 +282,9 @@ def validate(cfg: Config) -> None:
     need(cfg.checkpoint.interval >= 0 and cfg.checkpoint.keep_last >= 1,
          "checkpoint.interval must be >= 0 and checkpoint.keep_last >= 1")
     need(cfg.logging.interval >= 1, "logging.interval must be >= 1")
+    max_len = getattr(cfg.model, "max_seq_len", None)  # GPT: positions/RoPE tables end there
+    need(max_len is None or cfg.data.seq_length <= max_len,
+         f"data.seq_length={cfg.data.seq_length} exceeds model.max_seq_len={max_len}; raise model.max_seq_len")
     for k in ("tp", "pp", "vpp", "ep"):
         need(getattr(p, k) >= 1, f"parallel.{k} must be >= 1")
     need(p.zero in (0, 1, 2, 3), f"parallel.zero must be 0..3, got {p.zero}")

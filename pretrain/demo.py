@@ -81,7 +81,8 @@ def report(cfg, entropy: float) -> int:
     val = [r for r in records if "val_loss" in r]
     print(f"\n[demo] unigram entropy of the corpus: {entropy:.3f} nats/token")
     print(f"{'step':>6} {'train loss':>11}")
-    for r in train[:: max(1, len(train) // 8)] + train[-1:]:
+    shown = train[:: max(1, len(train) // 8)]
+    for r in shown + ([] if shown[-1] is train[-1] else train[-1:]):
         print(f"{r['step']:>6} {r['loss']:>11.4f}")
     final = val[-1]["val_loss"] if val else train[-1]["loss"]
     kind = "validation" if val else "training"

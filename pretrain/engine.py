@@ -23,8 +23,10 @@ class Engine:
     """Interface. ``train_step`` runs forward/backward over this rank's micro-batches and one update."""
 
     model: nn.Module
+    device: torch.device = torch.device("cpu")
     dp_rank: int = 0
     dp_size: int = 1
+    model_parallel_size: int = 1  # ranks sharing one model replica (tensor x pipeline x expert), for MFU
 
     def train_step(self, micro_batches: list[dict], lr: float) -> dict:
         """Returns floats: ``loss`` (per-token mean over the global batch, aux losses included),
@@ -79,21 +81,25 @@ class LocalEngine(Engine):
         local_tokens = sum(float(mb["loss_mask"].sum()) for mb in micro_batches)
         total_tokens = _all_reduce([local_tokens], self.device)[0]
         n_micro = len(micro_batches) * self.dp_size
-        lm_sum = aux = 0.0
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # LM loss sum, aux loss sum
         for mb in micro_batches:
             with self._autocast():
                 out = self.model(**move(mb, self.device))
-            # out.loss = lm_sum / num_tokens + weighted aux losses; weight the token sum by the global
+            # out.loss = lm_sum / num_tokens + weighted aux losses (MoE); weight the token sum by the global
             # token count (true per-token mean) and the aux part by the number of micro-batches.
-            aux_i = out.loss - out.lm_loss_sum / out.num_tokens.clamp(min=1)
-            (out.lm_loss_sum / max(total_tokens, 1.0) + aux_i / n_micro).backward()
-            lm_sum += out.lm_loss_sum.item()
-            aux += aux_i.item()
+            objective = out.lm_loss_sum / max(total_tokens, 1.0)
+            aux = torch.zeros((), device=self.device)
+            if "aux_loss" in out.metrics:
+                aux = out.loss - out.lm_loss_sum / out.num_tokens.clamp(min=1)
+                objective = objective + aux / n_micro
+            objective.backward()
+            sums += torch.stack([out.lm_loss_sum.detach(), aux.detach()]).double()
         if self.dp_size > 1:
             self._all_reduce_grads()
-        lm_sum, aux = _all_reduce([lm_sum, aux], self.device)
+            dist.all_reduce(sums)
+        lm_sum, aux_sum = sums.tolist()
         lm_loss = lm_sum / max(total_tokens, 1.0)
-        loss = lm_loss + aux / n_micro
+        loss = lm_loss + aux_sum / n_micro
         grad_norm = clip_grad_norm(self.params, self.cfg.optimizer.clip_grad).item()
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if not skipped:

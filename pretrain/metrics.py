@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -72,13 +73,15 @@ def peak_flops(device: torch.device) -> float:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return next((v * 1e12 for k, v in GPU_PEAK_TFLOPS.items() if k in name), 0.0)
-    cache = Path.home() / ".cache" / "pretrain" / "cpu_peak_flops.json"
+    from data.demo_corpus import cache_dir  # $PRETRAIN_CACHE or ~/.cache/pretrain
+
+    cache = cache_dir() / "cpu_peak_flops.json"
     key = f"{platform.node()}|{platform.processor()}|{torch.get_num_threads()}"
     table = json.loads(cache.read_text()) if cache.is_file() else {}
     if key not in table:
         table[key] = measure_cpu_flops()
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{id(table)}")
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(table))
         tmp.replace(cache)
     return table[key]

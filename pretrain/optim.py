@@ -70,7 +70,7 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: Iterable[str])
     """
     no_decay = set(no_decay)
     decay, plain, seen = [], [], set()
-    for mod_name, module in model.named_modules():
+    for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue

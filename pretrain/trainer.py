@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.loader import collate
+from data.loader import build_dataloader, collate
 from launch.preemption import PREEMPTED_EXIT_CODE
 from data.sampler import DataParallelSampler
 from pretrain import checkpoint as ckpt
 from pretrain.config import Config
 from pretrain.engine import Engine, build_engine
 from pretrain.metrics import MetricsLogger, peak_flops
+from pretrain.models.flops import batch_flops
 from pretrain.schedule import Schedule
 
 log = logging.getLogger("pretrain.train")
@@ -65,21 +66,9 @@ class Trainer:
         self.rank = _rank()
         self.train_data, self.valid_data = train_data, valid_data
         self.step, self.consumed_samples = 0, 0
-        self.sampler = DataParallelSampler(len(train_data), self.engine.dp_rank, self.engine.dp_size,
-                                           cfg.train.micro_batch_size, self.schedule.batch_size)
         self.metrics = MetricsLogger(cfg.log_dir if self.rank == 0 else None, cfg.logging.tensorboard)
-        self.flops_per_token = self._flops_per_token()
         self.peak = (cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops
-                     else peak_flops(getattr(self.engine, "device", torch.device("cpu"))))
-
-    def _flops_per_token(self) -> float:
-        """Training FLOPs per token (forward + backward): the model's own count, else 6N + 12·L·d·s."""
-        model = self.engine.model
-        if callable(getattr(model, "flops_per_token", None)):
-            return 3.0 * float(model.flops_per_token(self.cfg.data.seq_length))
-        n = sum(p.numel() for p in model.parameters())
-        m = self.cfg.model
-        return 6.0 * n + 12.0 * getattr(m, "num_layers", 0) * getattr(m, "hidden_size", 0) * self.cfg.data.seq_length
+                     else peak_flops(self.engine.device))
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def save(self) -> Path | None:
@@ -112,9 +101,6 @@ class Trainer:
         return True
 
     # --- loop --------------------------------------------------------------------------------------------
-    def _micro_batches(self, data, indices: list[list[int]]) -> list[dict]:
-        return [collate([data[i] for i in mb]) for mb in indices]
-
     def evaluate(self) -> float:
         """Mean validation loss per token over ``train.eval_steps`` global batches from the start of the set."""
         t = self.cfg.train
@@ -122,26 +108,32 @@ class Trainer:
                                       t.micro_batch_size, t.global_batch_size)
         lm_sum = tokens = 0.0
         for _ in range(t.eval_steps):
-            out = self.engine.eval_step(self._micro_batches(self.valid_data, sampler.next_global_batch()))
+            batch = sampler.next_global_batch()
+            out = self.engine.eval_step([collate([self.valid_data[i] for i in mb]) for mb in batch])
             lm_sum, tokens = lm_sum + out["lm_loss_sum"], tokens + out["num_tokens"]
         return lm_sum / max(tokens, 1.0)
 
     def fit(self) -> int:
         """Train to ``train.steps``; returns an exit code (EXIT_OK, EXIT_PREEMPTED, EXIT_NONFINITE)."""
         t, c = self.cfg.train, self.cfg.checkpoint
-        total = t.steps
+        total, start = t.steps, self.step
         bad_in_row, window = 0, _Window()
         code = EXIT_OK
+        # the sampler starts at the restored position; it may read ahead of training (workers), we count here
+        sampler = DataParallelSampler(len(self.train_data), self.engine.dp_rank, self.engine.dp_size,
+                                      t.micro_batch_size, self.schedule.batch_size, self.consumed_samples)
+        with torch.random.fork_rng(devices=[]):  # the DataLoader draws a seed: keep the restored RNG stream
+            loader = iter(build_dataloader(self.train_data, sampler, self.cfg.data.num_workers))
         while self.step < total:
             gbs = self.schedule.batch_size(self.consumed_samples)
             lr = self.schedule.lr(self.step, self.consumed_samples)
-            self.sampler.consumed_samples = self.consumed_samples
             t0 = time.perf_counter()
-            batches = self._micro_batches(self.train_data, self.sampler.next_global_batch(gbs))
+            batches = [next(loader) for _ in range(sampler.num_micro_batches(self.consumed_samples))]
             out = self.engine.train_step(batches, lr)
             self.step += 1
             self.consumed_samples += gbs
-            window.add(time.perf_counter() - t0, out["num_tokens"])
+            flops = sum(batch_flops(self.cfg.model, mb) for mb in batches) * self.engine.dp_size
+            window.add(time.perf_counter() - t0, out["num_tokens"], flops)
             if out["skipped"]:
                 bad_in_row += 1
                 log.warning("step %d: non-finite loss %.4g or grad norm %.4g: update skipped (%d in a row)",
@@ -172,7 +164,7 @@ class Trainer:
             if c.interval and self.step % c.interval == 0 and self.step < total:
                 self.save()
         else:
-            if c.save_final:
+            if c.save_final and self.step > start:
                 self.save()
         self.metrics.close()
         return code
@@ -181,16 +173,16 @@ class Trainer:
         """Stop only if any rank got the signal, and then on every rank (so all save the same step)."""
         if not (dist.is_available() and dist.is_initialized()):
             return flag
-        t = torch.tensor([float(flag)])
+        t = torch.tensor([float(flag)], device=self.engine.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
     def _log(self, record: dict, window: "_Window", total: int) -> None:
         tokens_per_s = window.tokens / max(window.seconds, 1e-9)
-        world = self.engine.dp_size * getattr(self.engine, "model_parallel_size", 1)
-        flops = tokens_per_s * self.flops_per_token
-        record.update(tokens_per_s=tokens_per_s, tflops=flops / 1e12 / world,
-                      mfu=flops / world / self.peak if self.peak else 0.0, memory_gb=_memory_gb(self.engine),
+        world = self.engine.dp_size * self.engine.model_parallel_size
+        flops = window.flops / max(window.seconds, 1e-9) / world  # achieved FLOP/s per device
+        record.update(tokens_per_s=tokens_per_s, tflops=flops / 1e12, mfu=flops / self.peak if self.peak else 0.0,
+                      memory_gb=_memory_gb(self.engine),
                       step_time_s=window.seconds / max(window.steps, 1))
         self.metrics.write(record)
         eta = (total - record["step"]) * record["step_time_s"]
@@ -201,19 +193,19 @@ class Trainer:
 
 
 class _Window:
-    """Time and tokens since the last log line."""
+    """Time, tokens and FLOPs since the last log line."""
 
     def __init__(self) -> None:
-        self.seconds, self.tokens, self.steps = 0.0, 0.0, 0
+        self.seconds, self.tokens, self.flops, self.steps = 0.0, 0.0, 0.0, 0
 
-    def add(self, seconds: float, tokens: float) -> None:
-        self.seconds, self.tokens, self.steps = self.seconds + seconds, self.tokens + tokens, self.steps + 1
+    def add(self, seconds: float, tokens: float, flops: float) -> None:
+        self.seconds, self.tokens, self.flops = self.seconds + seconds, self.tokens + tokens, self.flops + flops
+        self.steps += 1
 
 
 def _memory_gb(engine: Engine) -> float:
-    device = getattr(engine, "device", torch.device("cpu"))
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+    if engine.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(engine.device) / 2**30
     import psutil
 
     return psutil.Process(os.getpid()).memory_info().rss / 2**30

@@ -8,13 +8,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.dist_utils import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def pretrain(*args: str) -> subprocess.CompletedProcess:
+def pretrain(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "pretrain.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, *launcher, "-m", "pretrain.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_pretrain_train_and_resume(tmp_path, tiny_shard_prefix, tiny_tokenizer):
@@ -36,6 +44,19 @@ def test_pretrain_train_and_resume(tmp_path, tiny_shard_prefix, tiny_tokenizer):
     assert "resumed from" in second.stdout and "step 4/5" in second.stdout and "step 1/5" not in second.stdout
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
+    from pretrain.plot import plot_run
+
+    assert plot_run(run_dir).stat().st_size > 10_000  # what `pretrain plot RUN_DIR` draws
+
+    # data parallel under torchrun (2 gloo ranks, one micro-batch each): the same global batches, the same
+    # per-token mean loss and updates as the single process with 2 accumulated micro-batches
+    dp_dir = tmp_path / "dp"
+    torchrun = ("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}")
+    dp = pretrain("train", *common, "train.steps=3", f"checkpoint.dir={dp_dir}", launcher=torchrun)
+    assert dp.returncode == 0, dp.stderr + dp.stdout
+    assert losses(dp_dir) == pytest.approx(losses(run_dir)[:3], abs=1e-5)
+    assert sorted(p.name for p in (dp_dir / "step_00000003").glob("model_rank*")) == [
+        "model_rank00000.safetensors", "model_rank00001.safetensors"]
 
 
 def test_bad_config_fails_before_work(tmp_path):
@@ -47,7 +68,7 @@ def test_bad_config_fails_before_work(tmp_path):
 
 def test_schedule_command(tmp_path):
     png = tmp_path / "s.png"
-    out = pretrain("schedule", str(ROOT / "configs" / "gpt_125m.yaml"), "--out", str(png))
+    out = pretrain("schedule", str(ROOT / "configs" / "gpt_125m.yaml"), "train.steps=20000", "--out", str(png))
     assert out.returncode == 0, out.stderr
     assert "end of warmup" in out.stdout and "full batch" in out.stdout
     assert png.stat().st_size > 10_000

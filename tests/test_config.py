@@ -44,6 +44,7 @@ def test_overrides_apply_with_yaml_types(tmp_path):
     ("model.family=bert", "set model.family to one of"),
     ("train.precision=fp8", "train.precision"),
     ("parallel.zero=4", "parallel.zero must be 0..3"),
+    ("data.seq_length=4096", "data.seq_length=4096 exceeds model.max_seq_len=128"),
     ("trainsteps", "must look like section.key=value"),
 ])
 def test_errors_name_the_key(override, message):

@@ -26,6 +26,7 @@ from evals.tasks import TaskError, load_task  # noqa: E402
 TASKS = ["kjv_cont", "kjv_lastword", "kjv_ppl"]
 LIMITS = {"kjv_cont": 16, "kjv_lastword": 16, "kjv_ppl": 3}
 CTX = 96
+PARITY: dict[str, float] = {}  # largest |dLL| seen per task (printed with -s)
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +106,13 @@ def reference(tiny_hf, lm_eval_tasks):
 
 
 def assert_same(ours, ref, tol=1e-4):
+    """Per-request log-likelihoods within ``tol``; a rolling document's total (a float32 sum over thousands of
+    tokens, each window padded differently by lm-eval) within ``tol`` per 1000 nats. Accuracies identical."""
     for name in TASKS:
         a, b = np.concatenate([np.ravel(x) for x in ours[name]["lls"]]), np.concatenate(ref[name]["lls"])
-        assert a.shape == b.shape and np.abs(a - b).max() < tol, (name, np.abs(a - b).max())
+        bound = tol * np.maximum(1.0, np.abs(b) / 1000) if name == "kjv_ppl" else tol
+        assert a.shape == b.shape and np.all(np.abs(a - b) <= bound), (name, np.abs(a - b).max())
+        PARITY[name] = max(PARITY.get(name, 0.0), float(np.abs(a - b).max()))
         for metric, value in ref[name]["metrics"].items():
             if metric.startswith("acc"):
                 assert ours[name]["metrics"][metric] == value, (name, metric)
@@ -119,12 +124,31 @@ def test_harness_matches_lm_eval_hf_backend(tiny_hf, reference):
     ours = run_ours(HFModel.from_pretrained(tiny_hf))
     assert_same(ours, reference)
     assert ours["kjv_ppl"]["metrics"]["token_perplexity"] > 1
+    print("max |dLL| vs lm-eval hf:", PARITY, "metrics:", {n: ours[n]["metrics"] for n in TASKS})
 
 
 def test_lm_eval_plugin_matches_hf_backend(tiny_hf, reference, lm_eval_tasks):
     import evals.lm_eval_plugin  # noqa: F401  registers "pretrain"
 
+    PARITY.clear()
     assert_same(run_lm_eval("pretrain", f"hf={tiny_hf}", lm_eval_tasks), reference)
+    print("plugin max |dLL| vs lm-eval hf:", PARITY)
+
+
+def dp_worker(args: dict) -> dict:
+    model = HFModel.from_pretrained(args["path"])
+    res = evaluate_tasks(model, ["kjv_cont", "kjv_ppl"], limit=6, batch_size=2, log_samples=True, progress=False)
+    return {"lls": [s["raw"] for r in res["results"] for s in r["samples"]]}
+
+
+@pytest.mark.dist
+def test_data_parallel_ranks_split_and_agree(tiny_hf):
+    """Two gloo ranks each score half of the batches; both end with the full, single-process results."""
+    from tests.dist_utils import run_distributed
+
+    single = dp_worker({"path": str(tiny_hf)})["lls"]
+    for rank_result in run_distributed("tests.test_evals:dp_worker", 2, {"path": str(tiny_hf)}):
+        assert rank_result["lls"] == single
 
 
 def test_results_do_not_depend_on_batch_size(tiny_hf):

@@ -73,6 +73,13 @@ def test_matrix_rows_and_fields(dry_run):
         assert parts + r["breakdown_ms"]["host_gap"] == pytest.approx(r["step_ms"])
         # whole-model compile: one graph, no breaks; eager runs report none
         assert (r["compiled_graphs"], r["graph_breaks"]) == ((1, 0) if compile_ == "on" else (None, None))
+        if ckpt == "off":  # profiled: the heaviest ops of one step, with their share of it
+            ops = r["top_ops"]
+            assert len(ops) >= 5 and all(o["ms"] >= 0 and o["calls"] >= 1 for o in ops)
+            assert 0 < sum(o["share"] for o in ops) <= 1 + 1e-6
+            assert [o["ms"] for o in ops] == sorted((o["ms"] for o in ops), reverse=True)
+        else:
+            assert r["top_ops"] is None
     for compile_, ckpt in [("off", "off"), ("on", "on")]:
         assert rows[("flash_attn", compile_, ckpt)]["status"] == "skipped: flash-attn not importable"
 
@@ -84,6 +91,9 @@ def test_markdown_table(dry_run):
     assert len(table) == len(results["runs"]) == 8
     assert all(line.count("|") == 19 for line in table)
     assert "| attention | pass |" in md and "| deepspeed_zero | pass |" in md
+    assert md.count("top ops of one step, 1.3b sdpa") == 2
+    best = max((r for r in results["runs"] if r["status"] == "ok"), key=lambda r: r["tflops"])
+    assert f"best 1.3b: {best['tflops']:.3g} TFLOP/s" in md
 
 
 def test_budget_then_resume(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
-"""Sentencepiece -> HF tokenizer export: the same ids on real text (Shakespeare/KJV prose and Python code with
-indentation, whitespace runs, blank lines and digits), loaded through ``AutoTokenizer.from_pretrained``."""
+"""HF export: the sentencepiece -> HF tokenizer gives the same ids on real text (Shakespeare/KJV prose and Python
+code: indentation, whitespace runs, blank lines, digits); every architecture exports with logits equal to ours;
+configs that cannot be represented exactly are refused by name."""
 
 from __future__ import annotations
 
@@ -10,9 +11,15 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+import torch
 
 from data.tokenizer import train_sentencepiece
+from pretrain import checkpoint as ckpt_io
+from pretrain.config import Config
+from pretrain.hf import configs
+from pretrain.hf.export import export
 from pretrain.hf.tokenizer import save_hf_tokenizer
+from pretrain.models import build_model, config_class, config_from_dict
 
 LLAMA_STYLE = dict(normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
                    allow_whitespace_only_pieces=True)
@@ -108,14 +115,6 @@ def test_unigram_differs_only_on_score_ties(tmp_path, real_text):
 
 # --- model export: random-init ours -> export -> transformers, same logits ------------------------------------
 
-import torch  # noqa: E402
-
-from pretrain import checkpoint as ckpt_io  # noqa: E402
-from pretrain.config import Config  # noqa: E402
-from pretrain.hf import configs  # noqa: E402
-from pretrain.hf.export import export  # noqa: E402
-from pretrain.models import build_model, config_class, config_from_dict  # noqa: E402
-
 LLAMA = dict(flavour="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=96,
              max_seq_len=128, rope_theta=50000.0, norm_eps=1e-5, tie_embeddings=False)
 MOE = dict(num_experts=4, every=2, capacity_factor_eval=4.0)
@@ -141,8 +140,8 @@ def sp_tokenizer(tmp_path_factory, real_text) -> Path:
 
 def make_checkpoint(root: Path, family: str, values: dict, tokenizer: Path, seed: int = 0):
     """A random-init model of ours saved as a training checkpoint; returns (model, step dir)."""
-    cfg = config_from_dict(config_class(family), dict(values, vocab_size=spm.SentencePieceProcessor(
-        model_file=str(tokenizer)).get_piece_size()))
+    vocab = spm.SentencePieceProcessor(model_file=str(tokenizer)).get_piece_size()
+    cfg = config_from_dict(config_class(family), {"vocab_size": vocab, **values})
     torch.manual_seed(seed)
     model = build_model(family, cfg).eval()
     full = Config(model=cfg, family=family)
@@ -198,6 +197,7 @@ def test_export_logits_match(tmp_path, sp_tokenizer, real_text, name):
      "model.activation"),
     ("t5", dict(d_model=32, d_kv=8, d_ff=48, num_layers=3, num_heads=4, activation="relu", moe=dict(MOE, every=3)),
      "model.moe.every"),
+    ("gpt", dict(LLAMA, vocab_size=100), "model.vocab_size"),
 ])
 def test_export_refuses_inexact_configs(tmp_path, sp_tokenizer, family, values, field):
     """Configs with no exact HF counterpart are refused naming the field, and nothing is written."""
@@ -224,3 +224,34 @@ def test_switch_export_warns_when_our_capacity_can_drop(tmp_path, sp_tokenizer):
     make_checkpoint(tmp_path / "ckpt", "gpt", dict(LLAMA, moe=dict(MOE, capacity_factor_eval=2.0)), sp_tokenizer)
     with pytest.warns(UserWarning, match="capacity_factor_eval"):
         export(tmp_path / "ckpt", tmp_path / "hf")
+
+
+def test_export_from_data_parallel_checkpoint(tmp_path, sp_tokenizer):
+    """Two ranks save (threads standing in for processes): pure DP exports rank 0's full model; a TP layout is
+    refused until consolidated."""
+    import threading
+
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = config_from_dict(config_class("gpt"), dict(LLAMA, vocab_size=spm.SentencePieceProcessor(
+        model_file=str(sp_tokenizer)).get_piece_size()))
+    model = build_model("gpt", cfg).eval()
+    for tp, root in ((1, tmp_path / "dp"), (2, tmp_path / "tp")):
+        full = Config(model=cfg, family="gpt")
+        full.data.tokenizer, full.parallel.tp = str(sp_tokenizer), tp
+        meta = {"consumed_samples": 0, "config": full.to_dict()}
+        barrier = threading.Barrier(2)
+        ranks = [threading.Thread(target=ckpt_io.save_checkpoint, args=(root, 3, model.state_dict(), {}, meta),
+                                  kwargs=dict(rank=r, world_size=2, barrier=barrier.wait)) for r in range(2)]
+        for t in ranks:
+            t.start()
+        for t in ranks:
+            t.join()
+    out = export(tmp_path / "dp", tmp_path / "hf")
+    hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.arange(5, 40)[None]
+    with torch.no_grad():
+        assert (hf(ids).logits - model.logits(ids)).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="parallel.tp=2"):
+        export(tmp_path / "tp", tmp_path / "hf_tp")

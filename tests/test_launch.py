@@ -57,19 +57,19 @@ def test_first_host_of_slurm_hostlists():
 
 
 # --- preemption ---------------------------------------------------------------------------------------------
-def worker_agree(args: dict) -> dict:
-    """Rank ``args['signal_rank']`` signals itself during step 3 (or rank 0 sees the stop file appear);
-    every rank must stop after the same step."""
+def _run_until_stop(stop_file: str | None, signal_rank: int | None) -> dict:
+    """Rank ``signal_rank`` signals itself during step 3 (or rank 0 creates the stop file then); returns the
+    step after which this rank stopped."""
     import torch.distributed as dist
 
-    handler = PreemptionHandler.install(stop_file=args.get("stop_file"), poll_s=0.05)
+    handler = PreemptionHandler.install(stop_file=stop_file, poll_s=0.05)
     stopped_at = None
     for step in range(1, 200):
         if step == 3:
-            if dist.get_rank() == args.get("signal_rank"):
+            if dist.get_rank() == signal_rank:
                 os.kill(os.getpid(), signal.SIGUSR1)
-            if args.get("stop_file") and dist.get_rank() == 0:
-                Path(args["stop_file"]).touch()
+            if stop_file and dist.get_rank() == 0:
+                Path(stop_file).touch()
                 time.sleep(0.3)  # the watcher thread polls every 0.05 s
         if handler.should_stop():
             stopped_at = step
@@ -78,16 +78,19 @@ def worker_agree(args: dict) -> dict:
     return {"stopped_at": stopped_at, "reason": handler.reason or ""}
 
 
+def worker_agree(args: dict) -> dict:
+    by_signal = _run_until_stop(None, signal_rank=1)
+    by_file = _run_until_stop(args["stop_file"], signal_rank=None)
+    return {f"signal_{k}": v for k, v in by_signal.items()} | {f"file_{k}": v for k, v in by_file.items()}
+
+
 @pytest.mark.dist
 def test_stop_request_is_agreed_by_all_ranks(tmp_path):
-    by_signal = run_distributed("tests.test_launch:worker_agree", 2, {"signal_rank": 1}, timeout=120)
-    assert [r["stopped_at"] for r in by_signal] == [3, 3]
-    assert by_signal[1]["reason"] == "SIGUSR1" and by_signal[0]["reason"] == ""  # rank 0 learnt it by all-reduce
-
-    by_file = run_distributed("tests.test_launch:worker_agree", 2, {"stop_file": str(tmp_path / "stop")},
-                              timeout=120)
-    assert [r["stopped_at"] for r in by_file] == [3, 3]
-    assert by_file[0]["reason"].startswith("stop file") and by_file[1]["reason"] == ""
+    r0, r1 = run_distributed("tests.test_launch:worker_agree", 2, {"stop_file": str(tmp_path / "stop")}, timeout=120)
+    assert r0["signal_stopped_at"] == r1["signal_stopped_at"] == 3
+    assert r1["signal_reason"] == "SIGUSR1" and r0["signal_reason"] == ""  # rank 0 learnt it by all-reduce
+    assert r0["file_stopped_at"] == r1["file_stopped_at"] == 3
+    assert r0["file_reason"].startswith("stop file") and r1["file_reason"] == ""
 
 
 def test_requeue_respects_the_limit(monkeypatch, capsys):

@@ -54,6 +54,9 @@ def test_layout_from_world_errors(world, kw, msg):
     ({"offload_params": True, "zero": 2}, {}, "offload_params needs parallel.zero=3"),
     ({"offload_optimizer": True}, {}, "offload_optimizer needs parallel.zero >= 1"),
     ({"vpp": 2}, {}, "needs parallel.pp > 1"),
+    ({"pp": 2}, {"tie_embeddings": True}, "untie it or use pp=1"),
+    ({"pp": 3, "vpp": 2}, {}, "stages need at least that many layers; the model has 4"),
+    ({"pp": 2, "zero": 1}, {}, None),
 ])
 def test_validation_names_the_key(parallel, model, msg):
     if msg is None:
@@ -77,3 +80,10 @@ def test_world_size_checks():
         validate_layout(cfg, 3)
     with pytest.raises(ConfigError, match="global_batch_size=16 must be a multiple of .* 2 x 3"):
         validate_layout(cfg, 6)
+
+
+def test_pipeline_needs_enough_micro_batches():
+    cfg = config({"pp": 2}, global_batch_size=8, micro_batch_size=2)
+    validate_layout(cfg, 4)  # dp 2: 2 micro-batches for 2 stages
+    with pytest.raises(ConfigError, match="needs at least 2 micro-batches per step"):
+        validate_layout(cfg, 8)  # dp 4: 1 micro-batch

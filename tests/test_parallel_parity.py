@@ -75,6 +75,21 @@ def train(engine, vocab: int, steps: range = range(STEPS)) -> dict[str, list[flo
     return {"loss": losses, "grad_norm": norms}
 
 
+def assert_nan_step_is_skipped(engine, step: int, vocab: int) -> None:
+    """One data-parallel rank sees a NaN loss: every rank must skip the update and keep its weights."""
+    def poison(module, inputs, out):
+        out.loss, out.lm_loss_sum = out.loss * float("nan"), out.lm_loss_sum * float("nan")
+        return out
+
+    before = [p.detach().clone() for p in engine.model.parameters()]
+    handle = engine.model.register_forward_hook(poison) if engine.dp_rank == 1 else None
+    metrics = engine.train_step(micro_batches(step, vocab, engine.dp_rank, engine.dp_size), LR)
+    if handle:
+        handle.remove()
+    assert metrics["skipped"] == 1.0, metrics
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, engine.model.parameters()))
+
+
 def roundtrip(state: dict) -> dict:
     """Through bytes and back as checkpoints store it (``weights_only`` load)."""
     buf = io.BytesIO()
@@ -86,8 +101,9 @@ def roundtrip(state: dict) -> dict:
 def layouts_worker(args: dict) -> dict:
     """Runs on every rank: train each layout in ``args["layouts"]``; rank 0 returns full parameters.
 
-    A layout marked ``resume`` stops halfway, saves the engine state, builds a fresh engine, loads it and
-    finishes: the result must still equal the uninterrupted single-process run.
+    A layout marked ``True`` stops halfway, saves the engine state, builds a fresh engine, loads it and
+    finishes; one marked ``"nan"`` gets a NaN loss on one rank halfway (the step must be skipped everywhere)
+    and then repeats that step normally. Both must still equal the uninterrupted single-process run.
     """
     import torch.distributed as dist
 
@@ -98,7 +114,12 @@ def layouts_worker(args: dict) -> dict:
         cfg = make_config(model, parallel)
         engine = build_engine(cfg)
         vocab = cfg.model.vocab_size
-        if resume:
+        if resume == ["nan"]:  # a skipped step in the middle must leave no trace
+            half = train(engine, vocab, range(STEPS // 2))
+            assert_nan_step_is_skipped(engine, STEPS // 2, vocab)
+            rest = train(engine, vocab, range(STEPS // 2, STEPS))
+            result = {k: half[k] + rest[k] for k in half}
+        elif resume:
             half = train(engine, vocab, range(STEPS // 2))
             state = roundtrip(engine.state_dict())
             del engine
@@ -113,6 +134,10 @@ def layouts_worker(args: dict) -> dict:
             from parallel.tensor import full_state_dict
 
             state = full_state_dict(engine.model, state, engine.mesh.group("tp"))
+        if cfg.parallel.pp > 1:  # each pipeline rank holds its stages' tensors, under the full model's names
+            parts = [None] * cfg.parallel.pp
+            dist.all_gather_object(parts, state, group=engine.mesh.group("pp"))
+            state = {k: v for part in parts for k, v in part.items()}
         if dist.get_rank() == 0:
             out[name] = {**result, "params": state}
         del engine
@@ -159,7 +184,7 @@ def references() -> dict[str, dict]:
 LAYOUTS_2 = {
     "dp2 zero0 gpt2": ("gpt2", {"zero": 0}),
     "dp2 zero1 llama": ("llama", {"zero": 1}),
-    "dp2 zero2 gpt2": ("gpt2", {"zero": 2}),
+    "dp2 zero2 gpt2 nan-skip": ("gpt2", {"zero": 2}, "nan"),
     "dp2 zero3 llama": ("llama", {"zero": 3}),
     "tp2 gpt2 resumed": ("gpt2", {"tp": 2}, True),
     "tp2 sp gpt2": ("gpt2", {"tp": 2, "sp": True, "zero": 1}),
@@ -173,12 +198,16 @@ LAYOUTS_4 = {
     "dp2 tp2 sp zero2 gpt2": ("gpt2", {"tp": 2, "sp": True, "zero": 2}),
     "dp2 tp2 sp zero3 gpt2": ("gpt2", {"tp": 2, "sp": True, "zero": 3}),
     "dp2 tp2 zero2 gpt2 resumed": ("gpt2", {"tp": 2, "zero": 2}, True),
-    "dp2 pp2 llama resumed": ("llama", {"pp": 2}, True),
+    "dp2 pp2 zero1 llama resumed": ("llama", {"pp": 2, "zero": 1}, True),
     "tp2 pp2 sp gpt2_deep": ("gpt2_deep", {"tp": 2, "pp": 2, "sp": True}),
 }
 
+LAYOUTS_8 = {
+    "dp2 tp2 pp2 sp zero1 gpt2_deep": ("gpt2_deep", {"tp": 2, "pp": 2, "sp": True, "zero": 1}),
+}
 
-@pytest.mark.parametrize("world,layouts", [(2, LAYOUTS_2), (4, LAYOUTS_4)], ids=["world2", "world4"])
+@pytest.mark.parametrize("world,layouts", [(2, LAYOUTS_2), (4, LAYOUTS_4), (8, LAYOUTS_8)],
+                         ids=["world2", "world4", "world8"])
 def test_layouts_match_single_process(world, layouts, references):
     results = run_distributed("tests.test_parallel_parity:layouts_worker", world, {"layouts": layouts},
                               timeout=600)[0]

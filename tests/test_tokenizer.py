@@ -13,7 +13,8 @@ import pytest
 from data.tokenizer import META_FILE, SP_MODEL, load_tokenizer, train_sentencepiece
 from pretrain.cli import main
 
-SAMPLES = ["Hello  world,\n\n  indented line 12345\tTab", "Naïve café — 😀 ünïcödé", "", " leading space", "x\n"]
+SAMPLES = ["Hello  world,\n\n  indented line 12345\tTab", "Naïve café — 😀 ünïcödé", "", " leading space",
+           "x\n"]
 
 
 def test_sentencepiece_specials_sentinels_and_round_trip(tiny_tokenizer):

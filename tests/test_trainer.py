@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -28,10 +29,10 @@ def _one_thread():
 
 
 def make_cfg(name: str, tmp_path: Path, prefix: str, tokenizer, *overrides: str):
-    return load_config(CONFIGS / name, [f"data.train=[{prefix}]", f"data.tokenizer={tokenizer.path}",
-                                        f"data.cache_dir={tmp_path / 'index'}", f"model.vocab_size={tokenizer.vocab_size}",
-                                        f"checkpoint.dir={tmp_path / 'run'}", "logging.interval=1",
-                                        "logging.tensorboard=false", *([] if "t5" in name else SMALL_GPT), *overrides])
+    return load_config(CONFIGS / name, [
+        f"data.train=[{prefix}]", f"data.tokenizer={tokenizer.path}", f"data.cache_dir={tmp_path / 'index'}",
+        f"model.vocab_size={tokenizer.vocab_size}", f"checkpoint.dir={tmp_path / 'run'}", "logging.interval=1",
+        "logging.tensorboard=false", *([] if "t5" in name else SMALL_GPT), *overrides])
 
 
 def run(cfg, resume=None, stop=None) -> tuple[Trainer, int]:
@@ -129,7 +130,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, tiny_shard_prefix, tiny
         out = forward(**batch)
         snapshots.setdefault(trainer.step + 1, {k: v.clone() for k, v in model.state_dict().items()})
         if trainer.step + 1 in poison:
-            out.loss = out.loss * float("nan")
+            out.lm_loss_sum = out.lm_loss_sum * float("nan")
         return out
 
     model.forward = poisoned
@@ -206,3 +207,18 @@ def test_sigusr1_sets_the_stop_flag():
         assert stop.requested and stop.reason == "SIGUSR1"
     finally:
         handler.uninstall()
+
+
+def test_bf16_autocast_smoke(tmp_path, tiny_shard_prefix, tiny_tokenizer):
+    """bf16 autocast trains (slowly on this CPU, which has no bf16 units) and agrees with fp32 at step 1."""
+    first = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        cfg = make_cfg("gpt_tiny.yaml", tmp_path / precision, tiny_shard_prefix, tiny_tokenizer, "train.steps=2",
+                       "train.global_batch_size=2", "train.micro_batch_size=2", f"train.precision={precision}",
+                       "checkpoint.dir=null", f"logging.dir={tmp_path / precision}")
+        trainer, code = run(cfg)
+        records = [r for r in metrics(cfg) if "loss" in r]
+        assert code == EXIT_OK and len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+        first[precision] = records[0]["loss"]
+    assert first["bf16"] != first["fp32"] and abs(first["bf16"] - first["fp32"]) < 0.05

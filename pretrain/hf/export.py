@@ -53,13 +53,22 @@ def hf_classes(arch: str):
 
 
 def load_model_state(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
-    """``(model tensors, meta, checkpoint step dir)`` of a single-piece checkpoint (root or step dir)."""
+    """``(model tensors, meta, checkpoint step dir)`` of a checkpoint (root or step dir).
+
+    A single-process or pure data-parallel run (ZeRO <= 2) has the whole model in rank 0's file; a checkpoint
+    whose model is split (TP, PP, EP, ZeRO-3) must be consolidated first.
+    """
     from pretrain import checkpoint as ckpt_io
 
     path = ckpt_io.resolve(ckpt, str(ckpt))
     meta = json.loads((path / ckpt_io.META).read_text())
-    if meta.get("world_size", 1) != 1:
-        raise ValueError(f"{path}: saved by {meta['world_size']} ranks; consolidate it first "
+    par = (meta.get("config") or {}).get("parallel") or {}
+    split = {k: par[k] for k in ("tp", "pp", "ep") if par.get(k, 1) != 1}
+    if par.get("zero", 0) >= 3:
+        split["zero"] = par["zero"]
+    if meta.get("world_size", 1) != 1 and split:
+        layout = ", ".join(f"parallel.{k}={v}" for k, v in split.items())
+        raise ValueError(f"{path}: the model is split over ranks ({layout}); consolidate it first "
                          f"(`pretrain ckpt consolidate {path} OUT`) and export the result")
     model_state, _, meta = ckpt_io.load_checkpoint(path, rank=0)
     return model_state, meta, path
@@ -120,13 +129,18 @@ def write_tokenizer(src: Path, out: Path, max_len: int | None) -> None:
         raise ValueError(f"{src}: unknown tokenizer format (expected .model, tokenizer.json or a directory)")
 
 
-def token_ids(tok_dir: Path, meta: dict) -> dict[str, int | None]:
-    """bos/eos/pad ids: those recorded by `pretrain import` (the original HF config) or the tokenizer's."""
-    if meta.get("hf_token_ids"):
-        return meta["hf_token_ids"]
+def token_ids(tok_dir: Path, meta: dict, vocab_size: int) -> dict[str, int | None]:
+    """bos/eos/pad ids: those recorded by `pretrain import` (the original HF config) or the tokenizer's.
+
+    Also checks that every token id of the written tokenizer has a row in the model's embedding.
+    """
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
+    if len(tok) > vocab_size:
+        raise configs.UnsupportedConfig(f"the tokenizer has {len(tok)} tokens but model.vocab_size={vocab_size}")
+    if meta.get("hf_token_ids"):
+        return meta["hf_token_ids"]
     return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
 
 
@@ -145,7 +159,7 @@ def export(ckpt: str | Path, out_dir: str | Path, tokenizer: str | None = None, 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write_tokenizer(tok_src, tmp, getattr(cfg, "max_seq_len", None))
-        ids = token_ids(tmp, meta)
+        ids = token_ids(tmp, meta, cfg.vocab_size)
         arch, kwargs = configs.to_hf_config(family, cfg, ids)
         model_cls, config_cls = hf_classes(arch)
         hf_config = config_cls(**kwargs, architectures=[arch], dtype="float32")

@@ -21,7 +21,7 @@ set -euo pipefail
 
 NODES=${SLURM_CI_NODES:-2}
 MODE=${SLURM_CI_MODE:-loopback}
-CPUS=${SLURM_CI_CPUS:-$(nproc)}
+CPUS=${SLURM_CI_CPUS:-$(getconf _NPROCESSORS_ONLN)}  # not nproc: it obeys OMP_NUM_THREADS
 GPUS=${SLURM_CI_GPUS:-2}
 SUBNET=${SLURM_CI_SUBNET:-10.77.0}
 BR=slurmci0

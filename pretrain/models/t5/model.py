@@ -71,8 +71,8 @@ class Attention(nn.Module):
             b, s = q.shape[:2]
             q = q.view(b, s, self.heads, self.d_kv)
             kv = self.kv(ctx.encoder_out)
-            kv = kv.view(b, kv.shape[1], self.heads, 2, self.d_kv)
-            k, v, bias, causal = kv[..., 0, :], kv[..., 1, :], None, False
+            k, v = kv.view(b, kv.shape[1], self.heads, 2, self.d_kv).unbind(3)
+            bias, causal = None, False
         else:
             qkv = self.qkv(x)
             b, s = qkv.shape[:2]

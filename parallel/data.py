@@ -1,0 +1,135 @@
+"""Our own data-parallel step, for layouts DeepSpeed's engine cannot drive (pipelines, expert parallelism).
+
+* Each micro-batch's LM loss sum is divided by the global token count (and aux losses by the global number of
+  micro-batches), so gradients are *summed* over the data group: dense parameters over ``dp``, expert
+  parameters (``p.expert_parallel``) only over their expert-data-parallel group ``edp``, since the other data
+  ranks hold different experts.
+* Clipping by the true global norm: replicated parameters counted once per model replica (tensor rank 0),
+  tensor shards summed over the tensor x pipeline group, distinct experts summed over the expert group.
+* ZeRO-1: torch's ``ZeroRedundancyOptimizer`` shards the optimizer state over the data group.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
+
+from parallel.mesh import Mesh
+from pretrain.config import Config
+from pretrain.engine import Engine, move
+from pretrain.optim import build_optimizer
+
+
+def _is_expert(p: torch.Tensor) -> bool:
+    return getattr(p, "expert_parallel", False)
+
+
+class DataParallelEngine(Engine):
+    """``model`` holds this rank's parameters. Subclasses replace :meth:`_forward_backward` (pipelines)."""
+
+    def __init__(self, cfg: Config, model: nn.Module, mesh: Mesh, device: torch.device):
+        self.cfg, self.mesh, self.device, self.model = cfg, mesh, device, model
+        self.dp_rank, self.dp_size = mesh.dp_rank, mesh.layout.dp
+        self.model_parallel_size = mesh.layout.tp * mesh.layout.pp
+        if mesh.layout.tp > 1:
+            from parallel.tensor import register_sequence_parallel_grad_hooks
+
+            register_sequence_parallel_grad_hooks(model, mesh.group("tp"))
+        self.optimizer = build_optimizer(model, cfg.optimizer)
+        if cfg.parallel.zero == 1:
+            opt = self.optimizer
+            accepted = inspect.signature(type(opt)).parameters  # defaults also hold derived entries
+            self.optimizer = ZeroRedundancyOptimizer(
+                [dict(g) for g in opt.param_groups], type(opt), process_group=mesh.group("dp"),
+                **{k: v for k, v in opt.defaults.items() if k in accepted})
+        # this rank's own optimizer (its shard under ZeRO-1): what a same-layout checkpoint saves
+        self._local_optimizer = getattr(self.optimizer, "optim", self.optimizer)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def _global_tokens(self, micro_batches: list[dict]) -> float:
+        t = torch.tensor([sum(float(mb["loss_mask"].sum()) for mb in micro_batches)], dtype=torch.float64,
+                         device=self.device)
+        dist.all_reduce(t, group=self.mesh.group("dp"))
+        return t.item()
+
+    def _forward_backward(self, micro_batches: list[dict], total_tokens: float, train: bool) -> tuple[float, float]:
+        """This rank's (LM loss sum, aux loss sum) over its micro-batches; backward when ``train``."""
+        n_micro = len(micro_batches) * self.dp_size
+        lm_sum = aux = 0.0
+        for mb in micro_batches:
+            out = self.model(**move(mb, self.device))
+            aux_i = out.loss - out.lm_loss_sum / out.num_tokens.clamp(min=1)
+            if train:
+                (out.lm_loss_sum / max(total_tokens, 1.0) + aux_i / n_micro).backward()
+            lm_sum += out.lm_loss_sum.item()
+            aux += aux_i.item()
+        return lm_sum, aux
+
+    def _sum_over_dp(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=self.mesh.group("dp"))
+        return t.tolist()
+
+    def train_step(self, micro_batches, lr):
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total_tokens = self._global_tokens(micro_batches)
+        lm_sum, aux = self._sum_over_dp(list(self._forward_backward(micro_batches, total_tokens, train=True)))
+        self._all_reduce_grads()
+        grad_norm = self._clip(self.cfg.optimizer.clip_grad)
+        lm_loss = lm_sum / max(total_tokens, 1.0)
+        loss = lm_loss + aux / (len(micro_batches) * self.dp_size)
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "lm_loss": lm_loss, "grad_norm": grad_norm, "num_tokens": total_tokens,
+                "skipped": float(skipped)}
+
+    def _all_reduce_grads(self) -> None:
+        for expert, group in ((False, "dp"), (True, "edp")):
+            grads = [p.grad for p in self.params if p.grad is not None and _is_expert(p) == expert]
+            if not grads or dist.get_world_size(self.mesh.group(group)) == 1:
+                continue
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=self.mesh.group(group))
+            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(synced)
+
+    def _clip(self, max_norm: float) -> float:
+        first = self.mesh.tp_rank == 0
+        sq = {False: torch.zeros((), device=self.device), True: torch.zeros((), device=self.device)}
+        for p in self.params:
+            if p.grad is not None and (first or getattr(p, "tensor_model_parallel", False)):
+                sq[_is_expert(p)] += p.grad.float().pow(2).sum()
+        dist.all_reduce(sq[True], group=self.mesh.group("ep"))  # each expert rank holds different experts
+        total = sq[False] + sq[True]
+        dist.all_reduce(total, group=self.mesh.group("mp"))
+        norm = total.sqrt().item()
+        if max_norm > 0 and math.isfinite(norm):
+            scale = min(1.0, max_norm / (norm + 1e-6))
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        return norm
+
+    @torch.no_grad()
+    def eval_step(self, micro_batches):
+        self.model.eval()
+        lm_sum, _ = self._forward_backward(micro_batches, 1.0, train=False)
+        lm_sum, tokens = self._sum_over_dp([lm_sum, sum(float(mb["loss_mask"].sum()) for mb in micro_batches)])
+        return {"lm_loss_sum": lm_sum, "num_tokens": tokens}
+
+    def state_dict(self):
+        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "optimizer": self._local_optimizer.state_dict()}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self._local_optimizer.load_state_dict(state["optimizer"])
