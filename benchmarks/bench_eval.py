@@ -119,7 +119,8 @@ def main() -> None:
         kind, reqs = task_requests(name, args.limit)
         time_ours(ours, kind, reqs[:8], args.batch_size)  # warm-up both
         time_lm_eval(theirs, kind, reqs[:8])
-        (t_ours, ll_ours), (t_lm, ll_lm) = time_ours(ours, kind, reqs, args.batch_size), time_lm_eval(theirs, kind, reqs)
+        t_ours, ll_ours = time_ours(ours, kind, reqs, args.batch_size)
+        t_lm, ll_lm = time_lm_eval(theirs, kind, reqs)
         t_ours = min(t_ours, time_ours(ours, kind, reqs, args.batch_size)[0])  # best of two, interleaved
         t_lm = min(t_lm, time_lm_eval(theirs, kind, reqs)[0])
         diff = max(abs(a - b) for a, b in zip(ll_ours, ll_lm))

@@ -15,8 +15,9 @@ splitting and ``d`` the data-parallel size:
     ZeRO-3: params 4P/d, grads 4P/d, optimizer 8P/d   (the fp32 partitions are the weights themselves)
 
 ZeRO-1 gradients are whole during accumulation (the paper's 4P) and reduced to this rank's partition at the
-boundary; what is left at the step is 4P/d. The pipeline engine's ZeRO-1 (torch's ZeroRedundancyOptimizer)
-keeps whole gradients and no master copy: grads 4P, optimizer 8P/d.
+boundary; what is left at the step is 4P/d. Our own engine's ZeRO-1 (pipelines, expert parallelism; torch's
+ZeroRedundancyOptimizer) keeps whole gradients and no master copy: grads 4P, optimizer 8P/d (expert state is
+sharded over the expert-data group, so with ``ep > 1`` the real figure is higher than this ideal).
 """
 
 from __future__ import annotations
@@ -46,16 +47,18 @@ def _bytes(tensors, seen: set) -> int:
     return total
 
 
-def _inner_optimizer(engine):
-    """The optimizer whose ``step`` updates this rank's (partition of the) weights."""
+def _inner_optimizers(engine) -> list[torch.optim.Optimizer]:
+    """The optimizers whose ``step`` updates this rank's (partition of the) weights."""
     if hasattr(engine, "ds"):
         opt = engine.ds.optimizer
-        return getattr(opt, "optimizer", opt)
-    return getattr(engine, "_local_optimizer", engine.optimizer)
+        return [getattr(opt, "optimizer", opt)]
+    if hasattr(engine, "_local_optimizers"):
+        return engine._local_optimizers()
+    return [engine.optimizer]
 
 
 def measure(engine, batch: list[dict]) -> dict[str, float]:
-    opt = _inner_optimizer(engine)
+    opts = _inner_optimizers(engine)
     model_params = list(engine.model.parameters())
     grads_seen: set = set()
     grad_bytes = [0]
@@ -64,21 +67,23 @@ def measure(engine, batch: list[dict]) -> dict[str, float]:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         grad_bytes[0] += _bytes([p.grad for p in params] + [p.grad for p in model_params], grads_seen)
 
-    handle = opt.register_step_pre_hook(at_step)
+    handles = [opt.register_step_pre_hook(at_step) for opt in opts]
     engine.train_step(batch, lr=1e-4)
-    handle.remove()
+    for handle in handles:
+        handle.remove()
     local = [getattr(p, "ds_tensor", p) for p in model_params]  # ZeRO-3 keeps only its partition
-    master = [p for g in opt.param_groups for p in g["params"]]
+    master = [p for opt in opts for g in opt.param_groups for p in g["params"]]
     model_ids = {id(p) for p in model_params}
-    states = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+    states = [v for opt in opts for s in opt.state.values() for v in s.values()
+              if torch.is_tensor(v) and v.dim() > 0]
     return {"params": _bytes(local, set()) / MiB, "grads": grad_bytes[0] / MiB,
             "optimizer": _bytes(states + [p for p in master if id(p) not in model_ids], set()) / MiB,
             "P": sum(getattr(p, "ds_numel", p.numel()) for p in model_params)}
 
 
-def predict(p_numel: int, zero: int, dp: int, pipeline: bool) -> dict[str, float]:
+def predict(p_numel: int, zero: int, dp: int, deepspeed: bool) -> dict[str, float]:
     b = 4 * p_numel / MiB
-    if pipeline or zero == 0:
+    if not deepspeed or zero == 0:
         return {"params": b, "grads": b, "optimizer": 2 * b / (dp if zero else 1)}
     return {"params": b / dp if zero == 3 else b, "grads": b / dp,
             "optimizer": (2 if zero == 3 else 3) * b / dp}
@@ -110,7 +115,7 @@ def main() -> None:
               "labels": torch.randint(0, vocab, (t.micro_batch_size, seq)),
               "loss_mask": torch.ones(t.micro_batch_size, seq)} for _ in range(n_micro)]
     got = measure(engine, batch)
-    want = predict(got.pop("P"), p.zero, engine.dp_size, pipeline=p.pp > 1)
+    want = predict(got.pop("P"), p.zero, engine.dp_size, deepspeed=hasattr(engine, "ds"))
     rows = [None] * dist.get_world_size() if dist.is_initialized() else None
     row = (dist.get_rank() if rows else 0, got, want)
     if rows:

@@ -9,16 +9,16 @@ Conventions are lm-evaluation-harness's (``hf`` backend), so the numbers are the
   token, the first on the prefix token.
 
 Where it differs is speed: requests whose model input is a prefix of another request's input (MMLU-style
-one-token answers, repeated contexts) share one forward pass; logits are computed only for the positions that
-are scored; tokenisation is one batched call; an input is right-padded to a width fixed by its own length and batched only with inputs
-of that width, so a request's numbers do not depend on the batch size or on the other requests (bit-identical
-on CPU; lm-eval's depend on its batch padding, lm-eval#1645).
-With ``torch.distributed`` initialised, ranks split the forward passes and exchange results.
+one-token answers, repeated contexts) share one forward pass; continuations of the same context (multiple
+choice) run on one KV cache of that context when the model supports it; the output layer runs only on scored
+positions; tokenisation is one batched call. An input is right-padded to a width fixed by its own length and
+batched only with inputs of that width, so a request's numbers do not depend on the batch size or on the other
+requests (bit-identical on CPU; lm-eval's depend on its batch padding, lm-eval#1645). With
+``torch.distributed`` initialised, ranks split the batches and exchange results.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +26,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from evals.model import EvalModel
-
-log = logging.getLogger(__name__)
 
 TokenPair = tuple[list[int], list[int]]
 
@@ -106,14 +104,10 @@ class Engine:
                 n_ctx = len(next(encoded))
                 out.append((whole[:n_ctx], whole[n_ctx:]))
             else:  # lm-eval: the continuation alone, without special tokens, after the prefix token
-                cont_ids = self._encode_plain(cont)
+                cont_ids = self.model.encode_plain(cont)
                 out.append(([self.model.prefix_token_id], cont_ids) if cont_ids[:1] != [self.model.prefix_token_id]
                            else (cont_ids[:1], cont_ids[1:]))
         return out
-
-    def _encode_plain(self, text: str) -> list[int]:
-        tok = getattr(self.model, "tokenizer", None)
-        return tok.encode(text, add_special_tokens=False) if tok is not None else self.model.encode(text)
 
     # ---- public request types -------------------------------------------------------------------------------
     def loglikelihood(self, pairs: list[tuple[str, str]], desc: str = "loglikelihood") -> list[tuple[float, bool]]:
@@ -208,15 +202,18 @@ class Engine:
         return list(rows.values())
 
     def _mark_shared(self, rows: list[_Row]) -> None:
-        """Keep ``shared`` only where another row has the same context and the model can reuse it."""
-        count: dict[tuple, int] = {}
+        """Keep ``shared`` only where the model can reuse a context, another row has the same context, and the
+        context is at least twice as long as the longest continuation (else two passes cost more than they
+        save: measured on the KJV continuation task, whose contexts are as short as its endings)."""
+        groups: dict[tuple, list[_Row]] = {}
         for row in rows:
             if row.shared:
-                key = tuple(row.input_ids[:row.shared])
-                count[key] = count.get(key, 0) + 1
-        for row in rows:
-            if not self.model.supports_shared_context or count.get(tuple(row.input_ids[:row.shared]), 0) < 2:
-                row.shared = 0
+                groups.setdefault(tuple(row.input_ids[:row.shared]), []).append(row)
+        for key, group in groups.items():
+            longest_rest = max(len(r.input_ids) - len(key) for r in group)
+            if not self.model.supports_shared_context or len(group) < 2 or len(key) < 2 * longest_rest:
+                for row in group:
+                    row.shared = 0
 
     def _key(self, row: _Row) -> tuple[int, int]:
         """(context width, width of the rest) for shared rows; (0, input width) otherwise."""

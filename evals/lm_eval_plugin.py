@@ -52,7 +52,8 @@ class PretrainLM(LM):
             groups.setdefault((tuple([until] if isinstance(until, str) else until),
                                int(kw.get("max_gen_toks", 256))), []).append(i)
         for (until, max_gen), idx in groups.items():
-            for i, text in zip(idx, self.engine.generate_until([requests[i].args[0] for i in idx], list(until), max_gen)):
+            texts = self.engine.generate_until([requests[i].args[0] for i in idx], list(until), max_gen)
+            for i, text in zip(idx, texts):
                 out[i] = text
         return out  # type: ignore[return-value]
 

@@ -20,20 +20,20 @@ MIN_HEAD_ROWS = 4
 
 
 class EvalModel:
-    """What the scoring engine needs from a model. Subclasses implement the four methods below."""
+    """What the scoring engine needs from a model: tokenizer calls, ``logits`` and ``greedy_generate``;
+    ``shared_context_logits`` only where ``supports_shared_context``."""
 
     max_length: int          # tokens the model attends over
     prefix_token_id: int     # conditions the first token of an empty context / rolling window
     eot_token_id: int        # end-of-text, stops generation
     device: torch.device = torch.device("cpu")
+    supports_shared_context: bool = False
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
-
-    supports_shared_context: bool = False
 
     def logits(self, input_ids: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
         """For each row ``b`` of the causally masked, right-padded ``input_ids`` ``[batch, seq]``: logits
@@ -55,6 +55,10 @@ class EvalModel:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Without any special tokens (a continuation scored after the prefix token)."""
+        return self.encode(text)
 
 
 class HFModel(EvalModel):
@@ -88,6 +92,9 @@ class HFModel(EvalModel):
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, **self._special(text))
+
+    def encode_plain(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         plain = [t for t in texts if not t.startswith(self._prefix_str)]

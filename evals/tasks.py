@@ -108,12 +108,21 @@ class Task:
         doc = self.docs[index]
         shots: list[dict] = []
         if k:
-            pool = [i for i, d in enumerate(self.fewshot_docs)
-                    if not (self.fewshot_is_test and i == index) and d != doc]
-            if len(pool) < k:
-                raise TaskError(f"{self.source}: {k}-shot needs {k} few-shot examples, only {len(pool)} available")
+            n = len(self.fewshot_docs)
+            if n - self.fewshot_is_test < k:
+                raise TaskError(f"{self.source}: {k}-shot needs {k} few-shot examples, only "
+                                f"{n - self.fewshot_is_test} available")
             rng = random.Random(f"{self.cfg.get('fewshot_seed', 1234) if seed is None else seed}:{index}")
-            shots = [self.fewshot_docs[i] for i in rng.sample(pool, k)]
+            picked: list[int] = []
+            for _ in range(100 * k):  # O(k) draws, not a pass over a possibly huge split per item
+                i = rng.randrange(n)
+                if i not in picked and not (self.fewshot_is_test and i == index) and self.fewshot_docs[i] != doc:
+                    picked.append(i)
+                    if len(picked) == k:
+                        break
+            if len(picked) < k:
+                raise TaskError(f"{self.source}: could not draw {k} few-shot examples different from item {index}")
+            shots = [self.fewshot_docs[i] for i in picked]
         sep, delim = self.cfg.get("fewshot_delimiter", "\n\n"), self.cfg.get("target_delimiter", " ")
         parts = [self.text(s) + delim + self.target_text(s) for s in shots] + [self.text(doc)]
         return self.cfg.get("description", "") + sep.join(parts)

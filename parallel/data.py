@@ -6,7 +6,8 @@
   ranks hold different experts.
 * Clipping by the true global norm: replicated parameters counted once per model replica (tensor rank 0),
   tensor shards summed over the tensor x pipeline group, distinct experts summed over the expert group.
-* ZeRO-1: torch's ``ZeroRedundancyOptimizer`` shards the optimizer state over the data group.
+* ZeRO-1: torch's ``ZeroRedundancyOptimizer`` shards the optimizer state over the data group (expert
+  parameters over the expert-data group).
 """
 
 from __future__ import annotations
@@ -40,16 +41,24 @@ class DataParallelEngine(Engine):
             from parallel.tensor import register_sequence_parallel_grad_hooks
 
             register_sequence_parallel_grad_hooks(model, mesh.group("tp"))
-        self.optimizer = build_optimizer(model, cfg.optimizer)
-        if cfg.parallel.zero == 1:
-            opt = self.optimizer
-            accepted = inspect.signature(type(opt)).parameters  # defaults also hold derived entries
-            self.optimizer = ZeroRedundancyOptimizer(
-                [dict(g) for g in opt.param_groups], type(opt), process_group=mesh.group("dp"),
-                **{k: v for k, v in opt.defaults.items() if k in accepted})
-        # this rank's own optimizer (its shard under ZeRO-1): what a same-layout checkpoint saves
-        self._local_optimizer = getattr(self.optimizer, "optim", self.optimizer)
+        self.optimizers = self._build_optimizers(build_optimizer(model, cfg.optimizer), cfg.parallel.zero)
         self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def _build_optimizers(self, opt: torch.optim.Optimizer, zero: int) -> list[torch.optim.Optimizer]:
+        """``opt`` itself, or under ZeRO-1 one ``ZeroRedundancyOptimizer`` for dense parameters over the data
+        group and one for expert parameters over the expert-data group (it broadcasts each updated parameter
+        to its group, which must hold the same experts)."""
+        if zero == 0:
+            return [opt]
+        accepted = inspect.signature(type(opt)).parameters  # defaults also hold derived entries
+        kwargs = {k: v for k, v in opt.defaults.items() if k in accepted}
+        out = []
+        for expert, group in ((False, "dp"), (True, "edp")):
+            groups = [{**g, "params": [p for p in g["params"] if _is_expert(p) == expert]} for g in opt.param_groups]
+            groups = [g for g in groups if g["params"]]
+            if groups:
+                out.append(ZeroRedundancyOptimizer(groups, type(opt), process_group=self.mesh.group(group), **kwargs))
+        return out
 
     def _global_tokens(self, micro_batches: list[dict]) -> float:
         t = torch.tensor([sum(float(mb["loss_mask"].sum()) for mb in micro_batches)], dtype=torch.float64,
@@ -77,8 +86,9 @@ class DataParallelEngine(Engine):
 
     def train_step(self, micro_batches, lr):
         self.model.train()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
         total_tokens = self._global_tokens(micro_batches)
         lm_sum, aux = self._sum_over_dp(list(self._forward_backward(micro_batches, total_tokens, train=True)))
         self._all_reduce_grads()
@@ -86,9 +96,10 @@ class DataParallelEngine(Engine):
         lm_loss = lm_sum / max(total_tokens, 1.0)
         loss = lm_loss + aux / (len(micro_batches) * self.dp_size)
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        if not skipped:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for opt in self.optimizers:
+            if not skipped:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
         return {"loss": loss, "lm_loss": lm_loss, "grad_norm": grad_norm, "num_tokens": total_tokens,
                 "skipped": float(skipped)}
 
@@ -126,10 +137,15 @@ class DataParallelEngine(Engine):
         lm_sum, tokens = self._sum_over_dp([lm_sum, sum(float(mb["loss_mask"].sum()) for mb in micro_batches)])
         return {"lm_loss_sum": lm_sum, "num_tokens": tokens}
 
+    def _local_optimizers(self) -> list[torch.optim.Optimizer]:
+        """This rank's own optimizers (its shards under ZeRO-1): what a same-layout checkpoint saves."""
+        return [getattr(opt, "optim", opt) for opt in self.optimizers]
+
     def state_dict(self):
         return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                "optimizer": self._local_optimizer.state_dict()}
+                "optimizer": [opt.state_dict() for opt in self._local_optimizers()]}
 
     def load_state_dict(self, state):
         self.model.load_state_dict(state["model"])
-        self._local_optimizer.load_state_dict(state["optimizer"])
+        for opt, saved in zip(self._local_optimizers(), state["optimizer"], strict=True):
+            opt.load_state_dict(saved)

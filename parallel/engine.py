@@ -1,5 +1,6 @@
 """Parallel engines: ``build_engine(cfg)`` picks :class:`DeepSpeedEngine` (ZeRO 0-3 data parallelism around a
-tensor/sequence-parallel model) or, with ``pp > 1``, :class:`parallel.pipeline.PipelineEngine`.
+tensor/sequence-parallel model), with ``pp > 1`` :class:`parallel.pipeline.PipelineEngine`, with ``ep > 1``
+:class:`parallel.data.DataParallelEngine` around a model whose Switch experts are sharded (:mod:`parallel.expert`).
 
 Same interface as :class:`pretrain.engine.LocalEngine` (``train_step(micro_batches, lr)`` and friends), so the
 trainer does not know the layout. What this adds:
@@ -182,4 +183,10 @@ def build_engine(cfg: Config) -> Engine:
         from parallel.pipeline import PipelineEngine
 
         return PipelineEngine(cfg, model, mesh, device)
+    if p.ep > 1:  # expert gradients need their own reduction group: our data-parallel step, not DeepSpeed's
+        from parallel.data import DataParallelEngine
+        from parallel.expert import shard_experts
+
+        shard_experts(model, mesh.group("ep"))
+        return DataParallelEngine(cfg, model, mesh, device)
     return DeepSpeedEngine(cfg, model, mesh, device)

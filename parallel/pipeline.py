@@ -16,19 +16,14 @@ all-reduced before the step, so each micro-batch's summed loss is divided by the
 
 from __future__ import annotations
 
-import inspect
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
+from parallel.data import DataParallelEngine
 from parallel.mesh import Mesh
 from pretrain.config import Config
-from pretrain.engine import Engine
-from pretrain.optim import build_optimizer
 
 
 def stage_bounds(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
@@ -90,34 +85,16 @@ def _split_model(model: nn.Module, stage_ids: list[int], num_stages: int) -> lis
     return stages
 
 
-class PipelineEngine(Engine):
-    """Pipeline x tensor x data parallel (ZeRO-0 or 1); gradients summed over the data group (each
-    micro-batch loss is already divided by the global token count), then global-norm clipping."""
+class PipelineEngine(DataParallelEngine):
+    """Pipeline x tensor x data parallel (ZeRO-0 or 1); the data-parallel step is :class:`DataParallelEngine`'s."""
 
     def __init__(self, cfg: Config, model: nn.Module, mesh: Mesh, device: torch.device):
-        self.cfg, self.mesh, self.device = cfg, mesh, device
-        self.dp_rank, self.dp_size = mesh.dp_rank, mesh.layout.dp
-        self.model_parallel_size = mesh.layout.tp * mesh.layout.pp
         pp, vpp = mesh.layout.pp, cfg.parallel.vpp
         self.stage_ids = [mesh.pp_rank + k * pp for k in range(vpp)]
         self.stages = _split_model(model, self.stage_ids, pp * vpp)
-        self.model = _StageList(self.stages)
         self.factory = model.layers
-        if mesh.layout.tp > 1:
-            from parallel.tensor import register_sequence_parallel_grad_hooks
-
-            register_sequence_parallel_grad_hooks(self.model, mesh.group("tp"))
-        self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        if cfg.parallel.zero == 1:  # optimizer state sharded over the data group (what ZeRO-1 does)
-            opt = self.optimizer
-            accepted = inspect.signature(type(opt)).parameters  # defaults also hold derived entries
-            self.optimizer = ZeroRedundancyOptimizer(
-                [dict(g) for g in opt.param_groups], type(opt), process_group=mesh.group("dp"),
-                **{k: v for k, v in opt.defaults.items() if k in accepted})
-        # this rank's own optimizer (its shard under ZeRO-1): what a same-layout checkpoint saves
-        self._local_optimizer = getattr(self.optimizer, "optim", self.optimizer)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self._token_scale = 1.0
+        super().__init__(cfg, _StageList(self.stages), mesh, device)
 
     def _schedule(self, n_micro: int):
         """Built per step: the number of micro-batches may change (batch-size ramp-up)."""
@@ -131,80 +108,21 @@ class PipelineEngine(Engine):
         labels, mask = target[..., 0].long(), target[..., 1].to(torch.float32)
         return (self.factory.cross_entropy(logits, labels) * mask).sum() * self._token_scale
 
-    def _run(self, micro_batches: list[dict], train: bool) -> tuple[float, float]:
-        """One pass over this rank's micro-batches; returns (global LM loss sum, global token count)."""
-        local_tokens = sum(float(mb["loss_mask"].sum()) for mb in micro_batches)
-        tokens = torch.tensor([local_tokens], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tokens, group=self.mesh.group("dp"))
-        total = max(tokens.item(), 1.0)
+    def _forward_backward(self, micro_batches, total_tokens, train):
+        total = max(total_tokens, 1.0)
         self._token_scale = 1.0 / total
         batch = {k: torch.cat([mb[k] for mb in micro_batches]).to(self.device) for k in micro_batches[0]}
         target = torch.stack([batch["labels"].double(), batch["loss_mask"].double()], dim=-1)
         schedule = self._schedule(len(micro_batches))
         losses: list[torch.Tensor] = []
-        first = self.stage_ids[0] == 0
-        args = (batch["input_ids"],) if first else ()
+        args = (batch["input_ids"],) if self.stage_ids[0] == 0 else ()
         last = any(s.last for s in self.stages)
         kwargs = {"target": target, "losses": losses} if last else {}
         (schedule.step if train else schedule.eval)(*args, **kwargs)
         lm_sum = torch.tensor([sum(float(x) for x in losses) * total if last else 0.0], dtype=torch.float64,
                               device=self.device)
-        dist.all_reduce(lm_sum, group=self.mesh.group("pp"))  # from the last stage to all
-        dist.all_reduce(lm_sum, group=self.mesh.group("dp"))
-        return lm_sum.item(), tokens.item()
-
-    def train_step(self, micro_batches, lr):
-        self.model.train()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        lm_sum, tokens = self._run(micro_batches, train=True)
-        self._all_reduce_grads()
-        grad_norm = self._clip(self.cfg.optimizer.clip_grad)
-        loss = lm_sum / max(tokens, 1.0)
-        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        if not skipped:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "lm_loss": loss, "grad_norm": grad_norm, "num_tokens": tokens,
-                "skipped": float(skipped)}
-
-    def _all_reduce_grads(self) -> None:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=self.mesh.group("dp"))  # losses are already divided by the global tokens
-        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(synced)
-
-    def _clip(self, max_norm: float) -> float:
-        """Global L2 norm over all stages and tensor shards (replicated parameters counted once)."""
-        first = self.mesh.tp_rank == 0
-        grads = [p.grad for p in self.params
-                 if p.grad is not None and (first or getattr(p, "tensor_model_parallel", False))]
-        sq = torch.zeros((), dtype=torch.float32, device=self.device)
-        for g in grads:
-            sq += g.float().pow(2).sum()
-        dist.all_reduce(sq, group=self.mesh.group("mp"))
-        norm = sq.sqrt().item()
-        if max_norm > 0 and math.isfinite(norm):
-            scale = min(1.0, max_norm / (norm + 1e-6))
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-        return norm
-
-    def eval_step(self, micro_batches):
-        self.model.eval()
-        with torch.no_grad():
-            lm_sum, tokens = self._run(micro_batches, train=False)
-        return {"lm_loss_sum": lm_sum, "num_tokens": tokens}
-
-    def state_dict(self):
-        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                "optimizer": self._local_optimizer.state_dict()}
-
-    def load_state_dict(self, state):
-        self.model.load_state_dict(state["model"])
-        self._local_optimizer.load_state_dict(state["optimizer"])
+        dist.all_reduce(lm_sum, group=self.mesh.group("pp"))  # from the last stage to every stage
+        return lm_sum.item(), 0.0
 
 
 class _StageList(nn.ModuleList):

@@ -11,7 +11,8 @@ from typing import Any
 
 from pretrain.config import Config, ConfigError
 
-IMPLEMENTED = "implemented: GPT tp (+sp) x dp with ZeRO 0-3; GPT pp (1F1B, interleaved) x tp x dp with ZeRO 0-1"
+IMPLEMENTED = ("implemented: GPT tp (+sp) x dp with ZeRO 0-3; GPT pp (1F1B, interleaved) x tp x dp with "
+               "ZeRO 0-1; Switch ep x dp with ZeRO 0-1")
 
 
 def _model_sizes(cfg: Config) -> dict[str, int]:
@@ -67,8 +68,8 @@ def validate(cfg: Config) -> None:
          f"supported: parallel.zero=1 with pp={p.pp}, or parallel.pp=1 with zero={p.zero}")
     need(not (p.zero == 3 and moe.enabled and p.ep > 1),
          f"parallel.zero=3 with expert parallelism (parallel.ep={p.ep}): ZeRO-3 would partition expert weights "
-         f"that already live on one expert-parallel rank (DeepSpeed refuses it). Nearest supported: "
-         f"parallel.zero=2 with ep={p.ep}, or parallel.ep=1 with zero=3")
+         f"that already live on one expert-parallel rank (DeepSpeed-MoE refuses it too). Nearest supported: "
+         f"parallel.zero=1 with ep={p.ep}, or parallel.ep=1 with zero=3")
     need(not p.offload_optimizer or p.zero >= 1, "parallel.offload_optimizer needs parallel.zero >= 1 (only a "
                                                  "partitioned optimizer state can live on the CPU)")
     need(not p.offload_params or p.zero == 3, "parallel.offload_params needs parallel.zero=3 (only ZeRO-3 "
@@ -83,7 +84,12 @@ def validate(cfg: Config) -> None:
                                      f"passed between stages yet; use pp=1")
         need(not cfg.model.moe.enabled, f"parallel.pp={p.pp} with Switch layers: auxiliary losses of earlier "
                                         f"stages do not reach the loss yet; use pp=1 for Switch models")
-    need(p.ep == 1, f"parallel.ep={p.ep}: expert parallelism is not implemented yet ({IMPLEMENTED})")
+    if p.ep > 1:
+        need(p.tp == 1 and p.pp == 1, f"parallel.ep={p.ep} with tp={p.tp}, pp={p.pp}: expert parallelism is "
+                                      f"implemented with data parallelism only yet ({IMPLEMENTED})")
+        need(p.zero <= 1, f"parallel.ep={p.ep} with parallel.zero={p.zero}: the expert-parallel engine shards "
+                          f"optimizer state (ZeRO-1) but not gradients or parameters; use parallel.zero=1 with "
+                          f"ep={p.ep}, or ep=1 with zero={p.zero}")
     need(cfg.family != "t5" or p.tp == 1, f"parallel.tp={p.tp} with T5: tensor parallelism is not verified "
                                           f"against one process for T5 yet; use tp=1 (data parallel, any ZeRO)")
     need(not (moe.enabled and p.tp > 1), f"parallel.tp={p.tp} with Switch layers: the experts are not tensor-"

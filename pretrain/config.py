@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,24 @@ from typing import Any
 import yaml
 
 from pretrain.schedule import DECAY_STYLES, SCALING_RULES, WSD_DECAY_STYLES
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, except that ``1e-5`` and ``3E+4`` are floats (PyYAML wants ``1.0e-5``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -40,6 +60,7 @@ class DataConfig:
     document_mask: bool = False
     seed: int = 1234
     num_workers: int = 0
+    prefetch: bool = True  # collate the next step's micro-batches in a background thread (pinned on CUDA)
     cache_dir: str | None = None
 
 
@@ -81,11 +102,15 @@ class TrainConfig:
     eval_interval: int = 0  # 0 = no validation
     eval_steps: int = 10
     max_nonfinite: int = 5  # stop (with a checkpoint) after this many non-finite steps in a row
+    # end the process with a diagnostic (rank, phase, stacks; exit 124) when a step, validation or checkpoint save
+    # makes no progress for this long, e.g. a hung collective; 0 = off. $PRETRAIN_WATCHDOG_TIMEOUT overrides.
+    watchdog_timeout: float = 1800.0
 
 
 @dataclass
 class CheckpointConfig:
     dir: str | None = None  # None = no checkpoints
+    init_from: str | None = None  # start from these model weights only (fresh optimizer, schedule, data position)
     interval: int = 0  # save every N steps (0 = only at the end)
     keep_last: int = 3
     save_final: bool = True
@@ -188,14 +213,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():  # 1e6 in YAML
             return int(value)
+        if isinstance(value, str) and re.fullmatch(r"[-+]?[0-9_]+(\.0*)?([eE]\+?[0-9]+)?", value.strip()):
+            return int(float(value))  # "1e6" read as a string by another YAML reader
     elif origin is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+        if isinstance(value, str):  # plain PyYAML (YAML 1.1) reads 3e-4 as a string
             try:
                 return float(value)
             except ValueError:
-                pass
+                raise ConfigError(f"{key} must be a number (float), got {value!r}") from None
     elif origin is str:
         if isinstance(value, str):
             return value
@@ -254,6 +281,7 @@ def validate(cfg: Config) -> None:
     need(t.precision in ("fp32", "bf16"), f"train.precision must be 'fp32' or 'bf16', got {t.precision!r}")
     need(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto|cpu|cuda, got {t.device!r}")
     need(t.max_nonfinite >= 1, "train.max_nonfinite must be >= 1")
+    need(t.watchdog_timeout >= 0, f"train.watchdog_timeout must be >= 0 (0 = off), got {t.watchdog_timeout}")
     need(o.name in ("adamw", "lamb"), f"optimizer.name must be 'adamw' or 'lamb', got {o.name!r}")
     need(o.lr > 0, f"optimizer.lr must be > 0, got {o.lr}")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas must be two numbers in [0, 1)")
@@ -314,7 +342,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
-        node[leaf] = yaml.safe_load(value) if value != "" else None
+        node[leaf] = _yaml(value) if value != "" else None
     return out
 
 
@@ -333,7 +361,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = _yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
     try:
@@ -343,4 +371,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML (atomically: readers never see half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, path)

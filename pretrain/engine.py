@@ -45,12 +45,11 @@ class Engine:
         raise NotImplementedError
 
 
-def _all_reduce(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` (on the engine's device, so NCCL can carry it) over the default group; no host sync."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
 
 
 def move(batch: dict, device: torch.device) -> dict:
@@ -75,11 +74,14 @@ class LocalEngine(Engine):
         return contextlib.nullcontext()
 
     def train_step(self, micro_batches, lr):
+        """One update with a single host sync: losses and the grad norm stay on the device until the end,
+        where one ``tolist()`` fetches them to decide whether the step is finite."""
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        local_tokens = sum(float(mb["loss_mask"].sum()) for mb in micro_batches)
-        total_tokens = _all_reduce([local_tokens], self.device)[0]
+        # token counts come from the CPU batches (no device sync); the sum over ranks stays on the device
+        local_tokens = sum(int(mb["loss_mask"].sum()) for mb in micro_batches)
+        tokens = _all_reduce(torch.tensor(float(local_tokens), dtype=torch.float64, device=self.device))
         n_micro = len(micro_batches) * self.dp_size
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # LM loss sum, aux loss sum
         for mb in micro_batches:
@@ -87,7 +89,7 @@ class LocalEngine(Engine):
                 out = self.model(**move(mb, self.device))
             # out.loss = lm_sum / num_tokens + weighted aux losses (MoE); weight the token sum by the global
             # token count (true per-token mean) and the aux part by the number of micro-batches.
-            objective = out.lm_loss_sum / max(total_tokens, 1.0)
+            objective = out.lm_loss_sum / tokens.clamp(min=1.0).to(out.lm_loss_sum.dtype)
             aux = torch.zeros((), device=self.device)
             if "aux_loss" in out.metrics:
                 aux = out.loss - out.lm_loss_sum / out.num_tokens.clamp(min=1)
@@ -97,10 +99,11 @@ class LocalEngine(Engine):
         if self.dp_size > 1:
             self._all_reduce_grads()
             dist.all_reduce(sums)
-        lm_sum, aux_sum = sums.tolist()
+        norm = clip_grad_norm(self.params, self.cfg.optimizer.clip_grad)
+        lm_sum, aux_sum, grad_norm, total_tokens = torch.cat(
+            [sums, norm.reshape(1).to(sums), tokens.reshape(1)]).tolist()  # the step's one host sync
         lm_loss = lm_sum / max(total_tokens, 1.0)
         loss = lm_loss + aux_sum / n_micro
-        grad_norm = clip_grad_norm(self.params, self.cfg.optimizer.clip_grad).item()
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if not skipped:
             self.optimizer.step()
@@ -118,13 +121,12 @@ class LocalEngine(Engine):
     @torch.no_grad()
     def eval_step(self, micro_batches):
         self.model.eval()
-        lm_sum = tokens = 0.0
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # LM loss sum, tokens
         for mb in micro_batches:
             with self._autocast():
                 out = self.model(**move(mb, self.device))
-            lm_sum += out.lm_loss_sum.item()
-            tokens += float(out.num_tokens)
-        lm_sum, tokens = _all_reduce([lm_sum, tokens], self.device)
+            sums += torch.stack([out.lm_loss_sum.double(), out.num_tokens.double()])
+        lm_sum, tokens = _all_reduce(sums).tolist()
         return {"lm_loss_sum": lm_sum, "num_tokens": tokens}
 
     def state_dict(self):

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16 peak per GPU (TFLOP/s) by name fragment, for MFU when logging.peak_tflops is not set.
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
+# Dense bf16 peak per GPU (TFLOP/s, no sparsity) by device-name fragment, for MFU when logging.peak_tflops is not
+# set. The first fragment found in the name wins, so variants come before their family ("H100 PCIe" before "H100",
+# which is the SXM part: "NVIDIA H100 80GB HBM3").
+GPU_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "H100": 989.0, "A100": 312.0,
+                   "A10G": 125.0, "L4": 121.0, "V100": 125.0}
 
 
 class MetricsLogger:
@@ -68,18 +71,27 @@ def measure_cpu_flops(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
+def gpu_peak_flops(name: str) -> float:
+    """Dense bf16 peak FLOP/s of the GPU called ``name`` (0 when unknown: MFU is then not reported)."""
+    return next((v * 1e12 for k, v in GPU_PEAK_TFLOPS.items() if k.lower() in name.lower()), 0.0)
+
+
 def peak_flops(device: torch.device) -> float:
-    """Peak FLOP/s of one device: the GPU table, or a CPU matmul probe cached per machine and thread count."""
+    """Peak FLOP/s of one device: the GPU table, or the CPU matmul rate.
+
+    The CPU probe (~0.1 s) runs once per process; the best rate seen on this machine and thread count is cached
+    and used, so a probe slowed down by other jobs does not inflate MFU later.
+    """
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v * 1e12 for k, v in GPU_PEAK_TFLOPS.items() if k in name), 0.0)
+        return gpu_peak_flops(torch.cuda.get_device_name(device))
     from data.demo_corpus import cache_dir  # $PRETRAIN_CACHE or ~/.cache/pretrain
 
     cache = cache_dir() / "cpu_peak_flops.json"
-    key = f"{platform.node()}|{platform.processor()}|{torch.get_num_threads()}"
+    key = f"{platform.node()}|{platform.machine()}|{torch.get_num_threads()}"
     table = json.loads(cache.read_text()) if cache.is_file() else {}
-    if key not in table:
-        table[key] = measure_cpu_flops()
+    measured = measure_cpu_flops()
+    if measured > table.get(key, 0.0):
+        table[key] = measured
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(table))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
@@ -32,12 +31,13 @@ class LAMB(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            params, updates = [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["step"] = torch.zeros((), dtype=torch.float32)  # on the CPU: reading it is no sync
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
@@ -49,9 +49,16 @@ class LAMB(torch.optim.Optimizer):
                 update = (m / (1 - beta1 ** step)) / ((v / (1 - beta2 ** step)).sqrt_().add_(group["eps"]))
                 if group["weight_decay"]:
                     update.add_(p, alpha=group["weight_decay"])
-                w_norm, u_norm = p.norm().item(), update.norm().item()
-                trust = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
-                p.add_(update.to(p.dtype), alpha=-group["lr"] * trust)
+                params.append(p)
+                updates.append(update)
+            if not params:
+                continue
+            # trust ratios stay on the device: no host sync per parameter
+            w_norms = torch._foreach_norm([p.float() if p.dtype != u.dtype else p for p, u in zip(params, updates)])
+            u_norms = torch._foreach_norm(updates)
+            for p, update, w, u in zip(params, updates, w_norms, u_norms):
+                trust = torch.where((w > 0) & (u > 0), w / u, torch.ones_like(w))
+                p.add_((update * trust).to(p.dtype), alpha=-group["lr"])
         return loss
 
 
@@ -100,12 +107,18 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float | None = N
 
 
 def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Global L2 norm of all gradients (fp32), clipped to ``max_norm`` when > 0. Non-finite norms don't clip."""
+    """Global L2 norm of all gradients (fp32 tensor on the gradients' device), clipped to ``max_norm`` when > 0.
+
+    Never synchronises with the host: a non-finite norm leaves the gradients as they are (scale 1), and the
+    caller decides to skip the step when it reads the norm.
+    """
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-    if max_norm > 0 and math.isfinite(norm.item()):
+    norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+    norm = torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms]))
+    if max_norm > 0:
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, scale.to(grads[0].device))
+        scale = torch.where(torch.isfinite(norm), scale, torch.ones_like(scale))
+        torch._foreach_mul_(grads, scale)
     return norm

@@ -27,6 +27,7 @@ def key_points(schedule: Schedule) -> list[tuple[str, int, int, float, int]]:
     if full and full[0] > 0:
         rows.append(("full batch", *full))
     rows += [("middle", *traj[len(traj) // 2]), ("end", *traj[-1])]
+    rows.sort(key=lambda row: row[1])
     return [(label, step, consumed, schedule.lr(step, consumed), batch) for label, step, consumed, batch in rows]
 
 

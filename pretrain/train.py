@@ -12,10 +12,10 @@ import logging
 import sys
 from pathlib import Path
 
-from pretrain.config import Config, ConfigError, load_config, save_config
-from pretrain.trainer import EXIT_PREEMPTED
+import torch.distributed as dist
 
-log = logging.getLogger("pretrain.train")
+from pretrain.config import Config, ConfigError, load_config, save_config
+from pretrain.trainer import EXIT_PREEMPTED, StopFlag, Trainer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,9 +34,8 @@ def setup_logging(rank: int) -> None:
 def build_datasets(cfg: Config):
     """(train, valid) datasets sized for the whole run (``valid`` is None without validation data)."""
     from data.loader import build_train_valid_datasets
-    from pretrain.schedule import Schedule
-
     from data.tokenizer import load_tokenizer
+    from pretrain.schedule import Schedule
 
     tokenizer = load_tokenizer(cfg.data.tokenizer, num_threads=1) if cfg.data.tokenizer else None
     if tokenizer is not None and tokenizer.vocab_size > cfg.model.vocab_size:
@@ -52,7 +51,6 @@ def build_datasets(cfg: Config):
 def install_stop_handler():
     """SIGUSR1/SIGTERM (or the launcher's stop file) -> the trainer's stop flag; returns (flag, handler)."""
     from launch.preemption import install
-    from pretrain.trainer import StopFlag
 
     stop = StopFlag()
     return stop, install(stop.request)
@@ -60,8 +58,6 @@ def install_stop_handler():
 
 def train(cfg: Config, resume: str | None = None, stop=None) -> int:
     """Build data, engine and trainer; train; return the exit code."""
-    from pretrain.trainer import Trainer
-
     train_data, valid_data = build_datasets(cfg)
     trainer = Trainer(cfg, train_data, valid_data, stop=stop)
     if trainer.rank == 0 and cfg.log_dir:
@@ -88,8 +84,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"pretrain train: config error: {e}", file=sys.stderr)
         return 2
     handler.uninstall()
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.destroy_process_group()
     if code == EXIT_PREEMPTED:

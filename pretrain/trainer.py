@@ -7,6 +7,7 @@ uninterrupted run would be.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -17,13 +18,14 @@ import torch
 import torch.distributed as dist
 
 from data.loader import build_dataloader, collate
-from launch.preemption import PREEMPTED_EXIT_CODE
 from data.sampler import DataParallelSampler
+from launch.preemption import PREEMPTED_EXIT_CODE, Watchdog
 from pretrain import checkpoint as ckpt
 from pretrain.config import Config
 from pretrain.engine import Engine, build_engine
 from pretrain.metrics import MetricsLogger, peak_flops
 from pretrain.models.flops import batch_flops
+from pretrain.prefetch import StepBatches
 from pretrain.schedule import Schedule
 
 log = logging.getLogger("pretrain.train")
@@ -66,6 +68,7 @@ class Trainer:
         self.rank = _rank()
         self.train_data, self.valid_data = train_data, valid_data
         self.step, self.consumed_samples = 0, 0
+        self.watchdog: Watchdog | None = None  # running during fit()
         self.metrics = MetricsLogger(cfg.log_dir if self.rank == 0 else None, cfg.logging.tensorboard)
         self.peak = (cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops
                      else peak_flops(self.engine.device))
@@ -86,19 +89,50 @@ class Trainer:
         return path
 
     def resume(self, which: str | None) -> bool:
-        """Restore from ``which`` ("auto" = ``checkpoint.dir/latest`` if any, or a path). True if restored."""
-        if not which:
+        """Restore from ``which`` ("auto" = ``checkpoint.dir/latest`` if any, or a path). True if restored.
+
+        Without a checkpoint to resume, ``checkpoint.init_from`` (if set) provides the starting weights; a run
+        that already saved its own checkpoints resumes those, so a requeued job continues where it stopped."""
+        if self._restore(which):
+            return True
+        if self.cfg.checkpoint.init_from:
+            self.init_weights(self.cfg.checkpoint.init_from)
+        return False
+
+    def _restore(self, which: str | None) -> bool:
+        if not which or (which == "auto" and not self.cfg.checkpoint.dir):
             return False
-        path = ckpt.resolve(self.cfg.checkpoint.dir or ".", which) if which == "auto" else ckpt.resolve(".", which)
+        path = ckpt.resolve(self.cfg.checkpoint.dir, which)
         if path is None:
             log.info("no checkpoint in %s yet: starting from scratch", self.cfg.checkpoint.dir)
             return False
         model_state, extra, meta = ckpt.load_checkpoint(path, self.rank)
+        if "optimizer" not in extra:
+            raise ckpt.CheckpointError(f"{path} holds weights only (e.g. from `pretrain import`): start from it "
+                                       f"with checkpoint.init_from={path} instead of resuming it")
         self.engine.load_state_dict({"model": model_state, "optimizer": extra["optimizer"]})
         ckpt.set_rng_state(extra["rng"])
         self.step, self.consumed_samples = meta["step"], meta["consumed_samples"]
         log.info("resumed from %s at step %d (%d samples consumed)", path, self.step, self.consumed_samples)
         return True
+
+    def init_weights(self, which: str) -> None:
+        """Load only the model weights of checkpoint ``which`` (continued pretraining, e.g. of an imported HF
+        model); optimizer, schedule and data position start fresh."""
+        path = ckpt.resolve(which, which)
+        saved_world = json.loads((path / ckpt.META).read_text()).get("world_size", 1)
+        model_state, _, meta = ckpt.load_checkpoint(path, self.rank if saved_world > 1 else 0)  # 1 = full model
+        theirs, ours = meta.get("config", {}).get("model", {}), self.cfg.to_dict()["model"]
+        differ = sorted(k for k in ours if k in theirs and theirs[k] != ours[k])
+        if differ:
+            log.warning("checkpoint.init_from %s: model config differs in %s", path, ", ".join(differ))
+        try:
+            self.engine.model.load_state_dict(model_state, strict=True)
+        except RuntimeError as e:
+            raise ckpt.CheckpointError(f"checkpoint.init_from {path} does not fit model {self.cfg.family}: {e}") \
+                from None
+        log.info("initialised the model from %s (step %d); optimizer, schedule and data start fresh",
+                 path, meta["step"])
 
     # --- loop --------------------------------------------------------------------------------------------
     def evaluate(self) -> float:
@@ -115,20 +149,48 @@ class Trainer:
 
     def fit(self) -> int:
         """Train to ``train.steps``; returns an exit code (EXIT_OK, EXIT_PREEMPTED, EXIT_NONFINITE)."""
+        timeout = float(os.environ.get("PRETRAIN_WATCHDOG_TIMEOUT", self.cfg.train.watchdog_timeout))
+        self.watchdog = Watchdog(timeout).start() if timeout > 0 else None
+        batches = self._step_batches()
+        try:
+            return self._fit(batches)
+        finally:
+            batches.close()
+            if self.watchdog is not None:
+                self.watchdog.stop()
+            self.metrics.close()
+
+    def _beat(self, phase: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat(self.step, phase)
+
+    def _step_batches(self) -> StepBatches:
+        """This rank's micro-batches for each remaining step, from the restored data position."""
+        t = self.cfg.train
+        sampler = DataParallelSampler(len(self.train_data), self.engine.dp_rank, self.engine.dp_size,
+                                      t.micro_batch_size, self.schedule.batch_size, self.consumed_samples)
+
+        def counts():
+            consumed = self.consumed_samples
+            for _ in range(self.step, t.steps):
+                yield sampler.num_micro_batches(consumed)
+                consumed += self.schedule.batch_size(consumed)
+
+        with torch.random.fork_rng(devices=[]):  # the DataLoader draws a seed: keep the restored RNG stream
+            loader = iter(build_dataloader(self.train_data, sampler, self.cfg.data.num_workers))
+        return StepBatches(loader, counts(), prefetch=self.cfg.data.prefetch)
+
+    def _fit(self, data: StepBatches) -> int:
         t, c = self.cfg.train, self.cfg.checkpoint
         total, start = t.steps, self.step
         bad_in_row, window = 0, _Window()
         code = EXIT_OK
-        # the sampler starts at the restored position; it may read ahead of training (workers), we count here
-        sampler = DataParallelSampler(len(self.train_data), self.engine.dp_rank, self.engine.dp_size,
-                                      t.micro_batch_size, self.schedule.batch_size, self.consumed_samples)
-        with torch.random.fork_rng(devices=[]):  # the DataLoader draws a seed: keep the restored RNG stream
-            loader = iter(build_dataloader(self.train_data, sampler, self.cfg.data.num_workers))
         while self.step < total:
             gbs = self.schedule.batch_size(self.consumed_samples)
             lr = self.schedule.lr(self.step, self.consumed_samples)
             t0 = time.perf_counter()
-            batches = [next(loader) for _ in range(sampler.num_micro_batches(self.consumed_samples))]
+            self._beat("train step")
+            batches = data.next()
             out = self.engine.train_step(batches, lr)
             self.step += 1
             self.consumed_samples += gbs
@@ -151,6 +213,7 @@ class Trainer:
                 window = _Window()
             if t.eval_interval and self.valid_data is not None and (
                     self.step % t.eval_interval == 0 or self.step == total):
+                self._beat("validation")
                 val = self.evaluate()
                 self.metrics.write({"step": self.step, "val_loss": val})
                 log.info("step %d: validation loss %.4f (ppl %.2f)", self.step, val, math.exp(min(val, 50)))
@@ -159,19 +222,24 @@ class Trainer:
                 if stop:
                     log.warning("stop requested (%s): checkpoint at step %d", self.stop.reason or "flag", self.step)
                     code = EXIT_PREEMPTED
-                self.save()
+                self._save()
                 break
             if c.interval and self.step % c.interval == 0 and self.step < total:
-                self.save()
+                self._save()
         else:
             if c.save_final and self.step > start:
-                self.save()
-        self.metrics.close()
+                self._save()
         return code
 
+    def _save(self) -> None:
+        self._beat("checkpoint save")
+        self.save()
+
     def _agree(self, flag: bool) -> bool:
-        """Stop only if any rank got the signal, and then on every rank (so all save the same step)."""
-        if not (dist.is_available() and dist.is_initialized()):
+        """Stop only if any rank got the signal, and then on every rank (so all save the same step).
+
+        The flag travels on the engine's device: NCCL has no CPU tensors."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return flag
         t = torch.tensor([float(flag)], device=self.engine.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)

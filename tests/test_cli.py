@@ -68,7 +68,7 @@ def test_bad_config_fails_before_work(tmp_path):
 
 def test_schedule_command(tmp_path):
     png = tmp_path / "s.png"
-    out = pretrain("schedule", str(ROOT / "configs" / "gpt_125m.yaml"), "train.steps=20000", "--out", str(png))
+    out = pretrain("schedule", str(ROOT / "configs" / "gpt_125m.yaml"), "train.steps=40000", "--out", str(png))
     assert out.returncode == 0, out.stderr
     assert "end of warmup" in out.stdout and "full batch" in out.stdout
     assert png.stat().st_size > 10_000

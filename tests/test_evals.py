@@ -23,9 +23,14 @@ from evals.local_data import ensure_local_eval_data  # noqa: E402
 from evals.model import HFModel  # noqa: E402
 from evals.tasks import TaskError, load_task  # noqa: E402
 
-TASKS = ["kjv_cont", "kjv_lastword", "kjv_ppl"]
-LIMITS = {"kjv_cont": 16, "kjv_lastword": 16, "kjv_ppl": 3}
-CTX = 96
+TASKS = ["kjv_cont", "kjv_lastword", "kjv_ppl", "kjv_cont_long"]
+LIMITS = {"kjv_cont": 16, "kjv_lastword": 16, "kjv_ppl": 3, "kjv_cont_long": 8}
+CTX = 192
+# kjv_cont with a long fixed preamble: contexts > 2x the endings, so the engine takes its shared-context path
+PREAMBLE = ("The following verses are taken from the King James Version of the Bible, first printed in 1611. "
+            "Each verse is cut in half; read the first half carefully and continue it with the ending that fits "
+            "the language and the sense of the verse best. ")
+TASK_FILES: dict[str, str] = {}  # task name -> our YAML, for tasks that are not bundled
 PARITY: dict[str, float] = {}  # largest |dLL| seen per task (printed with -s)
 
 
@@ -61,14 +66,24 @@ def tiny_hf(data_dir, tmp_path_factory):
 def lm_eval_tasks(data_dir, tmp_path_factory):
     """Our task YAMLs rewritten for lm-eval (local data file instead of ``local_data``)."""
     out = tmp_path_factory.mktemp("lm_eval_tasks")
+    long_cfg = dict(load_task("kjv_cont").cfg, task="kjv_cont_long", doc_to_text=PREAMBLE + "{{citation}}: {{ctx}}")
+    TASK_FILES["kjv_cont_long"] = str(out / "ours_kjv_cont_long.yaml")
+    (out / "ours_kjv_cont_long.yaml").write_text(yaml.safe_dump(long_cfg))
     for name in TASKS:
-        cfg = dict(load_task(name).cfg)
+        cfg = dict(load_task(TASK_FILES.get(name, name)).cfg)
         src = cfg.pop("local_data")
         cfg.update(task=f"{name}_lm", dataset_path="json",
                    dataset_kwargs={"data_files": {"test": str(data_dir / f"{src}.jsonl")}},
-                   metric_list=[{"metric": m["metric"]} for m in cfg["metric_list"] if m["metric"] != "token_perplexity"])
+                   metric_list=[{"metric": m["metric"]} for m in cfg["metric_list"]
+                                if m["metric"] != "token_perplexity"])  # ours only
         (out / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     return out
+
+
+def sample_lls(res: dict, task: str) -> list[list[float]]:
+    """Per-document log-likelihoods from lm-eval's logged samples, in document order."""
+    samples = sorted(res["samples"][task], key=lambda s: s["doc_id"])
+    return [[float(r[0][0]) if isinstance(r[0], (list, tuple)) else float(r[0]) for r in s["resps"]] for s in samples]
 
 
 def run_lm_eval(model, model_args, include):
@@ -80,9 +95,7 @@ def run_lm_eval(model, model_args, include):
     for name in TASKS:  # one call per task: limits differ
         res = simple_evaluate(model=model, model_args=model_args, tasks=[f"{name}_lm"], task_manager=tm,
                               limit=LIMITS[name], batch_size=4, device="cpu", bootstrap_iters=0, log_samples=True)
-        samples = sorted(res["samples"][f"{name}_lm"], key=lambda s: s["doc_id"])
-        lls = [[float(r[0][0]) if isinstance(r[0], (list, tuple)) else float(r[0]) for r in s["resps"]]
-               for s in samples]
+        lls = sample_lls(res, f"{name}_lm")
         metrics = {k.split(",")[0]: v for k, v in res["results"][f"{name}_lm"].items()
                    if k.endswith(",none") and "stderr" not in k}
         out[name] = {"metrics": metrics, "lls": lls}
@@ -90,9 +103,10 @@ def run_lm_eval(model, model_args, include):
 
 
 def run_ours(model, batch_size=4):
+    assert TASK_FILES, "needs the lm_eval_tasks fixture"
     out = {}
     for name in TASKS:
-        row = evaluate_tasks(model, [name], limit=LIMITS[name], batch_size=batch_size, log_samples=True,
+        row = evaluate_tasks(model, [TASK_FILES.get(name, name)], limit=LIMITS[name], batch_size=batch_size, log_samples=True,
                              progress=False)["results"][0]
         out[name] = {"metrics": row["metrics"], "lls": [np.ravel(s["raw"]).tolist() for s in row["samples"]],
                      "truncated": row["truncated"]}
@@ -120,7 +134,7 @@ def assert_same(ours, ref, tol=1e-4):
                 assert ours[name]["metrics"][metric] == pytest.approx(value, rel=tol), (name, metric)
 
 
-def test_harness_matches_lm_eval_hf_backend(tiny_hf, reference):
+def test_harness_matches_lm_eval_hf_backend(tiny_hf, reference, lm_eval_tasks):
     ours = run_ours(HFModel.from_pretrained(tiny_hf))
     assert_same(ours, reference)
     assert ours["kjv_ppl"]["metrics"]["token_perplexity"] > 1
@@ -151,7 +165,7 @@ def test_data_parallel_ranks_split_and_agree(tiny_hf):
         assert rank_result["lls"] == single
 
 
-def test_results_do_not_depend_on_batch_size(tiny_hf):
+def test_results_do_not_depend_on_batch_size(tiny_hf, lm_eval_tasks):
     model = HFModel.from_pretrained(tiny_hf)
     base = run_ours(model, batch_size=1)
     for bs in (3, 16):
@@ -183,8 +197,7 @@ def test_our_gpt_through_harness_equals_through_plugin(tiny_hf, lm_eval_tasks, t
     for name in TASKS:
         res = simple_evaluate(model=lm, tasks=[f"{name}_lm"], task_manager=tm, limit=LIMITS[name],
                               bootstrap_iters=0, log_samples=True)
-        samples = sorted(res["samples"][f"{name}_lm"], key=lambda s: s["doc_id"])
-        theirs = [float(r[0][0]) if isinstance(r[0], (list, tuple)) else float(r[0]) for s in samples for r in s["resps"]]
+        theirs = np.concatenate(sample_lls(res, f"{name}_lm"))
         assert np.abs(np.concatenate([np.ravel(x) for x in ours[name]["lls"]]) - theirs).max() < 1e-4, name
         for k, v in res["results"][f"{name}_lm"].items():
             if k.endswith(",none") and "stderr" not in k:
@@ -224,6 +237,16 @@ def test_shared_prefix_requests_run_once(tiny_hf):
     together = engine.loglikelihood_tokens(reqs)
     alone = [engine.loglikelihood_tokens([r])[0] for r in reqs]
     assert np.allclose([x[0] for x in together], [x[0] for x in alone], atol=1e-5)
+    # continuations of one long context run on its KV cache: same scores as full passes
+    pairs = [(PREAMBLE + "And God said,", end) for end in (" Let there be light", " and it was so", " Amen")]
+    reqs = engine.encode_pairs(pairs)
+    rows = engine._plan(reqs)
+    engine._mark_shared(rows)
+    assert len(rows) == 3 and all(r.shared == len(reqs[0][0]) for r in rows)
+    shared = engine.loglikelihood_tokens(reqs)
+    full = [model.logits(torch.tensor([c + t[:-1]]), [(len(c) - 1, len(c) + len(t) - 1)])[0] for c, t in reqs]
+    expected = [float(torch.log_softmax(lg, -1).gather(1, torch.tensor(t)[:, None]).sum()) for lg, (_, t) in zip(full, reqs)]
+    assert np.allclose([x[0] for x in shared], expected, atol=1e-4)
 
 
 def test_fewshot_never_includes_the_item(tmp_path):
@@ -273,3 +296,59 @@ def test_greedy_generation_with_kv_cache_matches_full_recompute(tiny_hf):
     for _ in range(len(fast)):
         slow.append(int(model.model(torch.tensor([slow])).logits[0, -1].argmax()))
     assert fast == slow[len(ids):]
+
+
+def test_generate_until_task_and_our_gpt_generation(tiny_hf, tmp_path):
+    """generate_until: the harness output is the greedy continuation cut at the stop string; our GPT's
+    cached generation through the adapter equals its own ``generate``."""
+    from data.tokenizer import load_tokenizer
+    from evals.pretrain_model import PretrainModel
+    from pretrain.models import build_model
+
+    rows = [{"q": "In the beginning God", "a": "x"}, {"q": "And the earth was", "a": "y"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump({
+        "task": "gen", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": "d.jsonl"}},
+        "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{q}}", "doc_to_target": "{{a}}",
+        "generation_kwargs": {"until": ["e"], "max_gen_toks": 5}}))
+    model = HFModel.from_pretrained(tiny_hf)
+    row = evaluate_tasks(model, [str(tmp_path / "g.yaml")], log_samples=True, progress=False)["results"][0]
+    for doc, sample in zip(rows, row["samples"]):
+        expected = model.decode(model.greedy_generate(model.encode(doc["q"]), 5, ["e"])).split("e")[0]
+        assert sample["raw"] == expected and "e" not in sample["raw"]
+    assert row["metrics"]["exact_match"] == 0.0
+
+    torch.manual_seed(2)
+    gpt = build_model("gpt", dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, max_seq_len=CTX))
+    ours = PretrainModel(gpt.eval(), load_tokenizer(tiny_hf / "tokenizer.json"))
+    ids = ours.encode("In the beginning God created")
+    assert ours.greedy_generate(ids, 6, []) == gpt.generate(torch.tensor([ids]), 6)[0, len(ids):].tolist()
+
+
+FAKE_DOCS = {  # one row in each hub dataset's schema, to check the bundled prompts render
+    "lambada_openai": {"text": "the cat sat on the mat"},
+    "hellaswag": {"activity_label": "Cooking", "ctx_a": "A man cuts onions.", "ctx_b": "he",
+                  "endings": ["fries them [title] well.", "sings."], "label": "1"},
+    "piqa": {"goal": "open a jar", "sol1": "twist the lid", "sol2": "eat it", "label": 0},
+    "arc_easy": {"question": "Q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "B"},
+    "boolq": {"passage": "P.", "question": "is it", "label": 1},
+    "winogrande": {"sentence": "The _ ran.", "option1": "dog", "option2": "cat", "answer": "2"},
+    "wikitext": {"page": "Some page text."},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAKE_DOCS))
+def test_bundled_hub_task_prompts_render(name):
+    from evals.tasks import Task, task_path, validate_config
+
+    path = task_path(name)
+    cfg = validate_config(yaml.safe_load(path.read_text()), str(path))
+    doc = FAKE_DOCS[name]
+    task = Task(name, str(path), cfg["output_type"], cfg["metric_list"], [doc], [doc], True, cfg)
+    assert isinstance(task.context(0, 0), str) and task.target_text(doc)
+    if name == "hellaswag":
+        assert task.context(0, 0) == "Cooking: A man cuts onions. He" and task.choices(doc)[0] == "fries them. well."
+    if name == "arc_easy":
+        assert task.target(doc) == 1
+    if name == "winogrande":
+        assert task.choices(doc) == ["The dog ran.", "The cat ran."] and task.target(doc) == 1

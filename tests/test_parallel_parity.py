@@ -3,7 +3,10 @@
 Per launch, one group of layouts runs back to back in the same processes (imports and process start are the
 slow part on CPU). The single-process reference is :class:`pretrain.engine.LocalEngine` in the test process.
 Checked per layout: per-step loss (relative difference <= 1e-5), per-step global gradient norm (so clipping
-sees the true norm; clipping is active: the norm exceeds ``clip_grad``) and the final parameters.
+sees the true norm; clipping is active: the norm exceeds ``clip_grad``) and the final parameters (gathered
+over tensor, pipeline and expert ranks). Layouts cover DP with ZeRO 0-3, TP, TP+SP, PP 1F1B and interleaved,
+EP, their 4-rank combinations and DP2 x TP2 x PP2 on 8 ranks; some resume from a mid-run engine state dict,
+one skips a NaN step.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ MODELS = {
     # four blocks (for 2 x 2 interleaved stages), untied
     "gpt2_deep": {"family": "gpt", "flavour": "gpt2", "vocab_size": 128, "hidden_size": 32, "num_layers": 4,
                   "num_heads": 4, "num_kv_heads": 2, "max_seq_len": SEQ},
+    # Switch-GPT: 4 experts in block 1, capacity factor 1 so tokens get dropped; no router jitter (random)
+    "switch": {"family": "gpt", "flavour": "gpt2", "vocab_size": 128, "hidden_size": 32, "num_layers": 2,
+               "num_heads": 4, "max_seq_len": SEQ,
+               "moe": {"num_experts": 4, "capacity_factor_train": 1.0, "jitter": 0.0}},
 }
 LOSS_RTOL = NORM_RTOL = 1e-5
 PARAM_ATOL = 5e-6
@@ -134,6 +141,12 @@ def layouts_worker(args: dict) -> dict:
             from parallel.tensor import full_state_dict
 
             state = full_state_dict(engine.model, state, engine.mesh.group("tp"))
+        if cfg.parallel.ep > 1:  # each expert-parallel rank holds E/ep experts (dim 0)
+            for key, p in engine.model.named_parameters():
+                if getattr(p, "expert_parallel", False):
+                    parts = [torch.empty_like(p) for _ in range(cfg.parallel.ep)]
+                    dist.all_gather(parts, p.detach().contiguous(), group=engine.mesh.group("ep"))
+                    state[key] = torch.cat(parts)
         if cfg.parallel.pp > 1:  # each pipeline rank holds its stages' tensors, under the full model's names
             parts = [None] * cfg.parallel.pp
             dist.all_gather_object(parts, state, group=engine.mesh.group("pp"))
@@ -192,6 +205,7 @@ LAYOUTS_2 = {
     "dp2 zero3 gpt2 resumed": ("gpt2", {"zero": 3}, True),
     "pp2 1f1b llama": ("llama", {"pp": 2}),
     "pp2 interleaved gpt2_deep": ("gpt2_deep", {"pp": 2, "vpp": 2}),
+    "ep2 switch": ("switch", {"ep": 2}),
 }
 LAYOUTS_4 = {
     "dp2 tp2 zero1 gpt2": ("gpt2", {"tp": 2, "zero": 1}),
@@ -200,6 +214,7 @@ LAYOUTS_4 = {
     "dp2 tp2 zero2 gpt2 resumed": ("gpt2", {"tp": 2, "zero": 2}, True),
     "dp2 pp2 zero1 llama resumed": ("llama", {"pp": 2, "zero": 1}, True),
     "tp2 pp2 sp gpt2_deep": ("gpt2_deep", {"tp": 2, "pp": 2, "sp": True}),
+    "dp2 ep2 zero1 switch resumed": ("switch", {"ep": 2, "zero": 1}, True),
 }
 
 LAYOUTS_8 = {

@@ -16,8 +16,7 @@ from pretrain.train import build_datasets
 from pretrain.trainer import EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, StopFlag, Trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-SMALL_GPT = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=null",
-             "data.seq_length=32"]  # t5_tiny.yaml is as small already
+SMALL_GPT = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=null"]
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +31,7 @@ def make_cfg(name: str, tmp_path: Path, prefix: str, tokenizer, *overrides: str)
     return load_config(CONFIGS / name, [
         f"data.train=[{prefix}]", f"data.tokenizer={tokenizer.path}", f"data.cache_dir={tmp_path / 'index'}",
         f"model.vocab_size={tokenizer.vocab_size}", f"checkpoint.dir={tmp_path / 'run'}", "logging.interval=1",
-        "logging.tensorboard=false", *([] if "t5" in name else SMALL_GPT), *overrides])
+        "logging.tensorboard=false", "data.seq_length=32", *([] if "t5" in name else SMALL_GPT), *overrides])
 
 
 def run(cfg, resume=None, stop=None) -> tuple[Trainer, int]:
@@ -50,7 +49,7 @@ def metrics(cfg) -> list[dict]:
 def test_family_trains_and_loss_falls(name, tmp_path, tiny_shard_prefix, tiny_tokenizer):
     torch.manual_seed(0)
     cfg = make_cfg(name, tmp_path, tiny_shard_prefix, tiny_tokenizer, "train.steps=40", "train.global_batch_size=8",
-                   "train.micro_batch_size=4", "schedule.warmup_steps=3", "schedule.warmup_fraction=0",
+                   "train.micro_batch_size=8", "schedule.warmup_steps=3", "schedule.warmup_fraction=0",
                    "train.eval_interval=40", "train.eval_steps=2", "checkpoint.interval=0")
     trainer, code = run(cfg)
     assert code == EXIT_OK and trainer.step == 40
