@@ -58,10 +58,16 @@ class PretrainLM(LM):
         return out  # type: ignore[return-value]
 
 
-if __name__ == "__main__":  # `python -m evals.lm_eval_plugin ...`: register the importable class, run lm-eval
-    import evals.lm_eval_plugin  # noqa: F401
+def main() -> None:
+    """lm-eval's command line with ``pretrain`` registered (usable as a console-script entry point)."""
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()
+
+
+if __name__ == "__main__":  # `python -m evals.lm_eval_plugin ...`: register the importable class, not this copy
+    import evals.lm_eval_plugin as plugin
+
+    plugin.main()
 else:
     register_model("pretrain")(PretrainLM)

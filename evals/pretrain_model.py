@@ -64,17 +64,13 @@ class PretrainModel(EvalModel):
 
 def load_checkpoint_model(path: str | Path, tokenizer: str | Path | None = None,
                           device: str = "cpu", max_length: int | None = None) -> PretrainModel:
-    """A single-shard checkpoint (``DIR/step_N`` or a checkpoint root with ``latest``) as an EvalModel.
+    """A checkpoint (``DIR/step_N`` or a root with ``latest``, saved under any layout) as an EvalModel.
     The tokenizer defaults to the one the training config names (``data.tokenizer``)."""
     from data.tokenizer import load_tokenizer
-    from pretrain.checkpoint import load_checkpoint, resolve
+    from pretrain.hf.export import load_model_state
     from pretrain.models import build_model
 
-    step_dir = resolve(path, str(path))
-    state, _, meta = load_checkpoint(step_dir, rank=0)
-    if meta.get("world_size", 1) != 1:
-        raise ValueError(f"{step_dir} was saved by {meta['world_size']} ranks; consolidate it first "
-                         "(`pretrain ckpt`) or evaluate the exported HF model with --hf")
+    state, meta, step_dir = load_model_state(path)
     model_cfg = dict(meta["config"]["model"])
     model = build_model(model_cfg.pop("family"), model_cfg)
     model.load_state_dict(state)

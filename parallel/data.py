@@ -5,7 +5,8 @@
   parameters (``p.expert_parallel``) only over their expert-data-parallel group ``edp``, since the other data
   ranks hold different experts.
 * Clipping by the true global norm: replicated parameters counted once per model replica (tensor rank 0),
-  tensor shards summed over the tensor x pipeline group, distinct experts summed over the expert group.
+  tensor shards summed over the tensor x pipeline group, distinct experts summed over the expert group; a
+  pipeline's copy of a tied embedding (``p.pipeline_copy``) is not counted twice.
 * ZeRO-1: torch's ``ZeroRedundancyOptimizer`` shards the optimizer state over the data group (expert
   parameters over the expert-data group).
 """
@@ -117,7 +118,9 @@ class DataParallelEngine(Engine):
         first = self.mesh.tp_rank == 0
         sq = {False: torch.zeros((), device=self.device), True: torch.zeros((), device=self.device)}
         for p in self.params:
-            if p.grad is not None and (first or getattr(p, "tensor_model_parallel", False)):
+            if p.grad is None or getattr(p, "pipeline_copy", False):  # a tied copy, counted on its first stage
+                continue
+            if first or getattr(p, "tensor_model_parallel", False):
                 sq[_is_expert(p)] += p.grad.float().pow(2).sum()
         dist.all_reduce(sq[True], group=self.mesh.group("ep"))  # each expert rank holds different experts
         total = sq[False] + sq[True]

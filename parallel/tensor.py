@@ -16,7 +16,7 @@ Under sequence parallelism (``sp=True``) activations between blocks are split al
 * ``row(...)`` reduce-scatters its output back to sequence shards;
 * ``scatter_sequence`` enters the region after the embedding; ``gather_sequence`` leaves it before
   ``lm_head``, whose input is the full sequence. A T5 decoder feeds the still sequence-sharded encoder
-  output to its cross-attention ``column`` layers.
+  output to its cross-attention ``column`` layers (which gather it like any other ``column`` input).
 * norm weights see only their sequence shard, so their gradients are summed over the tensor group by
   :func:`register_sequence_parallel_grad_hooks` (engines call it before DeepSpeed installs its own hooks).
 """
@@ -304,6 +304,10 @@ class TensorParallelLayers(LayerFactory):
 
     def gather_sequence(self, x):
         return _GatherFromSequence.apply(x, self.group, False) if self.sp else x
+
+    def head_shard(self, x):
+        # the same dim-1 split (backward: all-gather) as entering the sequence region, over heads here
+        return _ScatterToSequence.apply(x, self.group) if self.tp_size > 1 else x
 
     def _check(self, n: int, what: str, stride: int = 1) -> None:
         if n % (self.tp_size * stride):

@@ -11,8 +11,8 @@ from typing import Any
 
 from pretrain.config import Config, ConfigError
 
-IMPLEMENTED = ("implemented: GPT tp (+sp) x dp with ZeRO 0-3; GPT pp (1F1B, interleaved) x tp x dp with "
-               "ZeRO 0-1; Switch ep x dp with ZeRO 0-1")
+IMPLEMENTED = ("implemented: GPT, T5 and Switch tp (+sp) x dp with ZeRO 0-3; GPT, T5 and Switch pp (1F1B, "
+               "interleaved) x tp x dp with ZeRO 0-1; Switch (GPT and T5) ep x tp (+sp) x dp with ZeRO 0-1")
 
 
 def _model_sizes(cfg: Config) -> dict[str, int]:
@@ -76,24 +76,14 @@ def validate(cfg: Config) -> None:
                                               "partitions the parameters themselves)")
     # What this version of the engines implements.
     if p.pp > 1:
-        m: Any = cfg.model
-        need(cfg.family == "gpt", f"parallel.pp={p.pp}: pipelines are implemented for GPT only ({IMPLEMENTED})")
-        need(not m.tie_embeddings, f"parallel.pp={p.pp} with model.tie_embeddings: the embedding shared by the "
-                                   f"first and last stage is not synchronized yet; untie it or use pp=1")
-        need(not m.document_masking, f"parallel.pp={p.pp} with model.document_masking: document ids are not "
+        need(not getattr(cfg.model, "document_masking", False), f"parallel.pp={p.pp} with model.document_masking: document ids are not "
                                      f"passed between stages yet; use pp=1")
-        need(not cfg.model.moe.enabled, f"parallel.pp={p.pp} with Switch layers: auxiliary losses of earlier "
-                                        f"stages do not reach the loss yet; use pp=1 for Switch models")
     if p.ep > 1:
-        need(p.tp == 1 and p.pp == 1, f"parallel.ep={p.ep} with tp={p.tp}, pp={p.pp}: expert parallelism is "
-                                      f"implemented with data parallelism only yet ({IMPLEMENTED})")
+        need(p.pp == 1, f"parallel.ep={p.ep} with pp={p.pp}: expert parallelism is not combined with pipelines "
+                        f"yet; use ep=1 with pp={p.pp}, or pp=1 with ep={p.ep} ({IMPLEMENTED})")
         need(p.zero <= 1, f"parallel.ep={p.ep} with parallel.zero={p.zero}: the expert-parallel engine shards "
                           f"optimizer state (ZeRO-1) but not gradients or parameters; use parallel.zero=1 with "
                           f"ep={p.ep}, or ep=1 with zero={p.zero}")
-    need(cfg.family != "t5" or p.tp == 1, f"parallel.tp={p.tp} with T5: tensor parallelism is not verified "
-                                          f"against one process for T5 yet; use tp=1 (data parallel, any ZeRO)")
-    need(not (moe.enabled and p.tp > 1), f"parallel.tp={p.tp} with Switch layers: the experts are not tensor-"
-                                         f"parallel yet; use tp=1 (data parallel, any ZeRO stage) for Switch models")
 
 
 def validate_layout(cfg: Config, world_size: int) -> None:

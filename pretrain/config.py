@@ -60,7 +60,6 @@ class DataConfig:
     document_mask: bool = False
     seed: int = 1234
     num_workers: int = 0
-    prefetch: bool = True  # collate the next step's micro-batches in a background thread (pinned on CUDA)
     cache_dir: str | None = None
 
 
@@ -101,6 +100,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     eval_interval: int = 0  # 0 = no validation
     eval_steps: int = 10
+    prefetch: bool = True  # read and collate the next step's micro-batches in a background thread
     max_nonfinite: int = 5  # stop (with a checkpoint) after this many non-finite steps in a row
     # end the process with a diagnostic (rank, phase, stacks; exit 124) when a step, validation or checkpoint save
     # makes no progress for this long, e.g. a hung collective; 0 = off. $PRETRAIN_WATCHDOG_TIMEOUT overrides.

@@ -1,7 +1,8 @@
 """``pretrain demo``: the whole pipeline on a small bundled default, on a CPU, in a few minutes.
 
 demo corpus -> sentencepiece tokenizer -> ``.bin/.idx`` shards -> train a tiny GPT (configs/gpt_tiny.yaml)
--> checkpoint -> loss curve. Each stage reuses its output when it already exists, so running the demo again
+-> checkpoint -> loss curve -> zero-shot evaluation (``evals``, local King James tasks) -> Hugging Face export,
+loaded back with transformers and checked against our logits. Each stage reuses its output when it already exists, so running the demo again
 is cheap (training resumes from its last checkpoint, i.e. does nothing once finished).
 The loss must end well below the unigram entropy of the corpus: the model has learned more than token
 frequencies.
@@ -19,6 +20,8 @@ import numpy as np
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gpt_tiny.yaml"
 VOCAB_SIZE = 2048
+# Offline tasks built from the KJV text, which is also in the demo corpus: in-domain, so above chance.
+EVAL_TASKS, EVAL_LIMIT = ["kjv_cont", "kjv_lastword"], 200
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +98,46 @@ def report(cfg, entropy: float) -> int:
     return 0
 
 
+def evaluate(cfg, out: Path):
+    """Zero-shot table of the trained checkpoint on the local tasks; returns the loaded model."""
+    from evals.harness import evaluate_tasks
+    from evals.metrics import markdown_table, write_results
+    from evals.model import load_model
+
+    print(f"\n[demo] zero-shot evaluation on {', '.join(EVAL_TASKS)} (first {EVAL_LIMIT} items each)", flush=True)
+    model = load_model(checkpoint=cfg.checkpoint.dir)
+    results = evaluate_tasks(model, EVAL_TASKS, 0, limit=EVAL_LIMIT, progress=False)
+    results["model"] = cfg.checkpoint.dir
+    print(markdown_table(results))
+    write_results(results, out / "eval" / "results.json")
+    return model
+
+
+def export_hf(cfg, out: Path, model) -> int:
+    """Export to a Hugging Face directory and check transformers loads it and gives our logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pretrain.hf.export import export
+
+    hf_dir = export(cfg.checkpoint.dir, out / "hf", force=True)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    text = "In the beginning God created the heaven and the earth."
+    ids = AutoTokenizer.from_pretrained(hf_dir)(text, add_special_tokens=False)["input_ids"]
+    if ids != model.encode(text):
+        print("[demo] FAILED: the exported tokenizer encodes differently from ours", file=sys.stderr)
+        return 1
+    with torch.no_grad():
+        ours = model.model.logits(torch.tensor([ids]))
+        theirs = hf(torch.tensor([ids])).logits
+    diff = (ours - theirs).abs().max().item()
+    print(f"[demo] exported {hf_dir} ({type(hf).__name__}); transformers' logits match ours to {diff:.2e}")
+    if diff > 1e-3:
+        print("[demo] FAILED: the exported model computes different logits", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from data.demo_corpus import ensure_demo_corpus
 
@@ -107,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     if code:
         return code
     code = report(cfg, unigram_entropy(prefix))
-    # Later stages (evaluation, export) continue from cfg.checkpoint.dir here.
+    model = evaluate(cfg, out)
+    code = export_hf(cfg, out, model) or code
     print(f"[demo] done in {time.time() - start:.0f} s")
     return code

@@ -51,8 +51,12 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+def _barrier(device: torch.device) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if device.type == "cuda":  # NCCL must be told the device, or it guesses one per rank
+        dist.barrier(device_ids=[device.index])
+    else:
         dist.barrier()
 
 
@@ -84,7 +88,7 @@ class Trainer:
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         path = ckpt.save_checkpoint(self.cfg.checkpoint.dir, self.step, state["model"], extra, meta,
                                     rank=self.rank, world_size=world, keep_last=self.cfg.checkpoint.keep_last,
-                                    barrier=_barrier)
+                                    barrier=lambda: _barrier(self.engine.device))
         log.info("saved checkpoint %s", path)
         return path
 
@@ -178,7 +182,7 @@ class Trainer:
 
         with torch.random.fork_rng(devices=[]):  # the DataLoader draws a seed: keep the restored RNG stream
             loader = iter(build_dataloader(self.train_data, sampler, self.cfg.data.num_workers))
-        return StepBatches(loader, counts(), prefetch=self.cfg.data.prefetch)
+        return StepBatches(loader, counts(), prefetch=t.prefetch)
 
     def _fit(self, data: StepBatches) -> int:
         t, c = self.cfg.train, self.cfg.checkpoint

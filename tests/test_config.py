@@ -65,3 +65,19 @@ def test_conflicting_warmups_and_missing_family(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_exponent_floats_read_as_numbers(tmp_path):
+    """PyYAML reads ``1e-5`` as a string; the loader takes it as a float (and ``2e3`` as an int where one is due)."""
+    path = tmp_path / "c.yaml"
+    text = (CONFIGS / "gpt_tiny.yaml").read_text()
+    path.write_text(text.replace("lr: 3.0e-3", "lr: 1e-5").replace("min_lr: 3.0e-4", "min_lr: 3E-6")
+                    .replace("max_seq_len: 128", "max_seq_len: 128\n  init_std: 2e-2"))
+    cfg = load_config(path, ["train.steps=2e3", "optimizer.eps=1e-9"])
+    assert (cfg.optimizer.lr, cfg.schedule.min_lr, cfg.train.steps, cfg.optimizer.eps) == (1e-5, 3e-6, 2000, 1e-9)
+    assert cfg.model.init_std == 0.02  # the family's own section too
+    from pretrain.config import OptimizerConfig, _build
+
+    assert _build(OptimizerConfig, {"lr": "1e-5"}, "optimizer").lr == 1e-5  # a string from another reader
+    with pytest.raises(ConfigError, match="optimizer.lr must be a number"):
+        _build(OptimizerConfig, {"lr": "fast"}, "optimizer")

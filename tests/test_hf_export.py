@@ -15,6 +15,7 @@ import torch
 
 from data.tokenizer import train_sentencepiece
 from pretrain import checkpoint as ckpt_io
+from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config
 from pretrain.hf import configs
 from pretrain.hf.export import export
@@ -228,7 +229,7 @@ def test_switch_export_warns_when_our_capacity_can_drop(tmp_path, sp_tokenizer):
 
 def test_export_from_data_parallel_checkpoint(tmp_path, sp_tokenizer):
     """Two ranks save (threads standing in for processes): pure DP exports rank 0's full model; a TP layout is
-    refused until consolidated."""
+    saved without a sharding index cannot be consolidated and is refused by name."""
     import threading
 
     import transformers
@@ -253,5 +254,5 @@ def test_export_from_data_parallel_checkpoint(tmp_path, sp_tokenizer):
     ids = torch.arange(5, 40)[None]
     with torch.no_grad():
         assert (hf(ids).logits - model.logits(ids)).abs().max().item() <= 1e-4
-    with pytest.raises(ValueError, match="parallel.tp=2"):
+    with pytest.raises(CheckpointError, match="parallel.tp=2"):  # split, but saved without a sharding index
         export(tmp_path / "tp", tmp_path / "hf_tp")

@@ -4,9 +4,10 @@ Per launch, one group of layouts runs back to back in the same processes (import
 slow part on CPU). The single-process reference is :class:`pretrain.engine.LocalEngine` in the test process.
 Checked per layout: per-step loss (relative difference <= 1e-5), per-step global gradient norm (so clipping
 sees the true norm; clipping is active: the norm exceeds ``clip_grad``) and the final parameters (gathered
-over tensor, pipeline and expert ranks). Layouts cover DP with ZeRO 0-3, TP, TP+SP, PP 1F1B and interleaved,
-EP, their 4-rank combinations and DP2 x TP2 x PP2 on 8 ranks; some resume from a mid-run engine state dict,
-one skips a NaN step.
+over tensor, pipeline and expert ranks). Layouts cover DP with ZeRO 0-3, TP, TP+SP, PP 1F1B and interleaved
+(tied embeddings, Switch aux losses from an earlier stage), EP, EP x TP (+SP), their 4-rank combinations and
+DP2 x TP2 x PP2 on 8 ranks, for GPT-2 and Llama style GPT, T5, Switch-GPT and Switch-T5; some resume from a
+mid-run engine state dict, one skips a NaN step.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tests.dist_utils import run_distributed
 
 pytestmark = pytest.mark.dist
 
-STEPS, SEQ, GLOBAL_BATCH, MICRO_BATCH, LR, CLIP = 10, 16, 8, 2, 1e-2, 0.3
+STEPS, SEQ, DEC_SEQ, GLOBAL_BATCH, MICRO_BATCH, LR, CLIP = 10, 16, 8, 8, 2, 1e-2, 0.3
 MODELS = {
     # GPT-2 style, with grouped-query attention and a tied head
     "gpt2": {"family": "gpt", "flavour": "gpt2", "vocab_size": 128, "hidden_size": 32, "num_layers": 2,
@@ -39,6 +40,16 @@ MODELS = {
     "switch": {"family": "gpt", "flavour": "gpt2", "vocab_size": 128, "hidden_size": 32, "num_layers": 2,
                "num_heads": 4, "max_seq_len": SEQ,
                "moe": {"num_experts": 4, "capacity_factor_train": 1.0, "jitter": 0.0}},
+    # four blocks, Switch in blocks 1 and 3 (earlier and last pipeline stage), tied head
+    "switch_deep": {"family": "gpt", "flavour": "gpt2", "vocab_size": 128, "hidden_size": 32, "num_layers": 4,
+                    "num_heads": 4, "max_seq_len": SEQ, "tie_embeddings": True,
+                    "moe": {"num_experts": 4, "capacity_factor_train": 1.0, "jitter": 0.0}},
+    # T5 v1.1 (gated GELU, relative position bias), padded encoder inputs
+    "t5": {"family": "t5", "vocab_size": 128, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
+           "num_heads": 4},
+    # Switch-T5: 4 experts in block 1 of each stack
+    "switch_t5": {"family": "t5", "vocab_size": 128, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
+                  "num_heads": 4, "moe": {"num_experts": 4, "capacity_factor_train": 1.0, "jitter": 0.0}},
 }
 LOSS_RTOL = NORM_RTOL = 1e-5
 PARAM_ATOL = 5e-6
@@ -50,7 +61,7 @@ ADAM_EPS = 1e-5
 def make_config(model: str, parallel: dict):
     return from_dict({
         "model": MODELS[model],
-        "data": {"seq_length": SEQ},
+        "data": {"seq_length": SEQ, "decoder_seq_length": DEC_SEQ},
         "optimizer": {"lr": LR, "clip_grad": CLIP, "weight_decay": 0.1, "eps": ADAM_EPS},
         "train": {"steps": STEPS, "global_batch_size": GLOBAL_BATCH, "micro_batch_size": MICRO_BATCH,
                   "seed": 7, "device": "cpu"},
@@ -58,31 +69,41 @@ def make_config(model: str, parallel: dict):
     })
 
 
-def global_batch(step: int, vocab: int) -> dict[str, torch.Tensor]:
-    """Random tokens; a random quarter of the loss mask is off so token-weighted averaging matters."""
+def global_batch(step: int, model: str) -> dict[str, torch.Tensor]:
+    """Random tokens; a random quarter of the loss mask is off so token-weighted averaging matters. T5 gets
+    encoder inputs with up to 4 padding tokens per row and shifted decoder inputs."""
     rng = np.random.default_rng(1000 + step)
-    tokens = torch.from_numpy(rng.integers(0, vocab, (GLOBAL_BATCH, SEQ + 1)))
-    mask = torch.from_numpy((rng.random((GLOBAL_BATCH, SEQ)) > 0.25).astype(np.float32))
-    return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask}
+    vocab = MODELS[model]["vocab_size"]
+    t5 = MODELS[model]["family"] == "t5"
+    seq = DEC_SEQ if t5 else SEQ
+    tokens = torch.from_numpy(rng.integers(0, vocab, (GLOBAL_BATCH, seq + 1)))
+    mask = torch.from_numpy((rng.random((GLOBAL_BATCH, seq)) > 0.25).astype(np.float32))
+    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask}
+    if t5:
+        lengths = torch.from_numpy(rng.integers(SEQ - 4, SEQ + 1, GLOBAL_BATCH))
+        batch = {"input_ids": torch.from_numpy(rng.integers(0, vocab, (GLOBAL_BATCH, SEQ))),
+                 "attention_mask": (torch.arange(SEQ)[None] < lengths[:, None]).long(),
+                 "decoder_input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask}
+    return batch
 
 
-def micro_batches(step: int, vocab: int, dp_rank: int, dp_size: int) -> list[dict]:
-    batch = global_batch(step, vocab)
+def micro_batches(step: int, model: str, dp_rank: int, dp_size: int) -> list[dict]:
+    batch = global_batch(step, model)
     per_rank = GLOBAL_BATCH // dp_size
     mine = {k: v[dp_rank * per_rank:(dp_rank + 1) * per_rank] for k, v in batch.items()}
     return [{k: v[i:i + MICRO_BATCH] for k, v in mine.items()} for i in range(0, per_rank, MICRO_BATCH)]
 
 
-def train(engine, vocab: int, steps: range = range(STEPS)) -> dict[str, list[float]]:
+def train(engine, model: str, steps: range = range(STEPS)) -> dict[str, list[float]]:
     losses, norms = [], []
     for step in steps:
-        m = engine.train_step(micro_batches(step, vocab, engine.dp_rank, engine.dp_size), LR)
+        m = engine.train_step(micro_batches(step, model, engine.dp_rank, engine.dp_size), LR)
         losses.append(m["loss"])
         norms.append(m["grad_norm"])
     return {"loss": losses, "grad_norm": norms}
 
 
-def assert_nan_step_is_skipped(engine, step: int, vocab: int) -> None:
+def assert_nan_step_is_skipped(engine, step: int, model: str) -> None:
     """One data-parallel rank sees a NaN loss: every rank must skip the update and keep its weights."""
     def poison(module, inputs, out):
         out.loss, out.lm_loss_sum = out.loss * float("nan"), out.lm_loss_sum * float("nan")
@@ -90,7 +111,7 @@ def assert_nan_step_is_skipped(engine, step: int, vocab: int) -> None:
 
     before = [p.detach().clone() for p in engine.model.parameters()]
     handle = engine.model.register_forward_hook(poison) if engine.dp_rank == 1 else None
-    metrics = engine.train_step(micro_batches(step, vocab, engine.dp_rank, engine.dp_size), LR)
+    metrics = engine.train_step(micro_batches(step, model, engine.dp_rank, engine.dp_size), LR)
     if handle:
         handle.remove()
     assert metrics["skipped"] == 1.0, metrics
@@ -120,22 +141,21 @@ def layouts_worker(args: dict) -> dict:
     for name, (model, parallel, *resume) in args["layouts"].items():
         cfg = make_config(model, parallel)
         engine = build_engine(cfg)
-        vocab = cfg.model.vocab_size
         if resume == ["nan"]:  # a skipped step in the middle must leave no trace
-            half = train(engine, vocab, range(STEPS // 2))
-            assert_nan_step_is_skipped(engine, STEPS // 2, vocab)
-            rest = train(engine, vocab, range(STEPS // 2, STEPS))
+            half = train(engine, model, range(STEPS // 2))
+            assert_nan_step_is_skipped(engine, STEPS // 2, model)
+            rest = train(engine, model, range(STEPS // 2, STEPS))
             result = {k: half[k] + rest[k] for k in half}
         elif resume:
-            half = train(engine, vocab, range(STEPS // 2))
+            half = train(engine, model, range(STEPS // 2))
             state = roundtrip(engine.state_dict())
             del engine
             engine = build_engine(cfg)
             engine.load_state_dict(state)
-            rest = train(engine, vocab, range(STEPS // 2, STEPS))
+            rest = train(engine, model, range(STEPS // 2, STEPS))
             result = {k: half[k] + rest[k] for k in half}
         else:
-            result = train(engine, vocab)
+            result = train(engine, model)
         state = engine.state_dict()["model"]
         if cfg.parallel.tp > 1:
             from parallel.tensor import full_state_dict
@@ -163,7 +183,7 @@ def reference(model: str) -> dict:
 
     cfg = make_config(model, {})
     engine = build_engine(cfg)
-    result = train(engine, cfg.model.vocab_size)
+    result = train(engine, model)
     return {**result, "params": engine.state_dict()["model"]}
 
 
@@ -199,22 +219,37 @@ LAYOUTS_2 = {
     "dp2 zero1 llama": ("llama", {"zero": 1}),
     "dp2 zero2 gpt2 nan-skip": ("gpt2", {"zero": 2}, "nan"),
     "dp2 zero3 llama": ("llama", {"zero": 3}),
-    "tp2 gpt2 resumed": ("gpt2", {"tp": 2}, True),
-    "tp2 sp gpt2": ("gpt2", {"tp": 2, "sp": True, "zero": 1}),
+    "tp2 llama resumed": ("llama", {"tp": 2}, True),
+    "tp2 sp zero1 llama": ("llama", {"tp": 2, "sp": True, "zero": 1}),
+    "tp2 t5": ("t5", {"tp": 2}),
+    "tp2 sp t5": ("t5", {"tp": 2, "sp": True}),
+    "dp2 zero1 t5": ("t5", {"zero": 1}),
+    "ep2 switch_t5": ("switch_t5", {"ep": 2}),
+    "tp2 sp zero1 switch_t5": ("switch_t5", {"tp": 2, "sp": True, "zero": 1}),
     "dp2 zero1 llama resumed": ("llama", {"zero": 1}, True),
     "dp2 zero3 gpt2 resumed": ("gpt2", {"zero": 3}, True),
     "pp2 1f1b llama": ("llama", {"pp": 2}),
     "pp2 interleaved gpt2_deep": ("gpt2_deep", {"pp": 2, "vpp": 2}),
+    "pp2 1f1b gpt2 tied": ("gpt2", {"pp": 2}),
+    "pp2 interleaved switch_deep": ("switch_deep", {"pp": 2, "vpp": 2}),
+    "pp2 1f1b t5": ("t5", {"pp": 2}),
     "ep2 switch": ("switch", {"ep": 2}),
 }
 LAYOUTS_4 = {
-    "dp2 tp2 zero1 gpt2": ("gpt2", {"tp": 2, "zero": 1}),
+    "dp2 tp2 zero1 llama": ("llama", {"tp": 2, "zero": 1}),
     "dp2 tp2 sp zero2 gpt2": ("gpt2", {"tp": 2, "sp": True, "zero": 2}),
-    "dp2 tp2 sp zero3 gpt2": ("gpt2", {"tp": 2, "sp": True, "zero": 3}),
+    "dp2 tp2 sp zero3 llama": ("llama", {"tp": 2, "sp": True, "zero": 3}),
     "dp2 tp2 zero2 gpt2 resumed": ("gpt2", {"tp": 2, "zero": 2}, True),
     "dp2 pp2 zero1 llama resumed": ("llama", {"pp": 2, "zero": 1}, True),
     "tp2 pp2 sp gpt2_deep": ("gpt2_deep", {"tp": 2, "pp": 2, "sp": True}),
+    "dp2 pp2 zero1 switch_deep": ("switch_deep", {"pp": 2, "zero": 1}),
+    "dp2 pp2 zero1 switch_t5": ("switch_t5", {"pp": 2, "zero": 1}),
+    "dp2 pp2 interleaved t5": ("t5", {"pp": 2, "vpp": 2}),
+    "tp2 pp2 sp t5": ("t5", {"tp": 2, "pp": 2, "sp": True}),
     "dp2 ep2 zero1 switch resumed": ("switch", {"ep": 2, "zero": 1}, True),
+    "ep2 tp2 switch": ("switch", {"ep": 2, "tp": 2}),
+    "ep2 tp2 sp zero1 switch": ("switch", {"ep": 2, "tp": 2, "sp": True, "zero": 1}),
+    "ep2 tp2 sp switch_t5": ("switch_t5", {"ep": 2, "tp": 2, "sp": True}),
 }
 
 LAYOUTS_8 = {

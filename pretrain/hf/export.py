@@ -53,25 +53,12 @@ def hf_classes(arch: str):
 
 
 def load_model_state(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
-    """``(model tensors, meta, checkpoint step dir)`` of a checkpoint (root or step dir).
+    """``(full model tensors, meta, checkpoint step dir)`` of a checkpoint saved under any layout."""
+    from pretrain.reshard import consolidate, read_meta
 
-    A single-process or pure data-parallel run (ZeRO <= 2) has the whole model in rank 0's file; a checkpoint
-    whose model is split (TP, PP, EP, ZeRO-3) must be consolidated first.
-    """
-    from pretrain import checkpoint as ckpt_io
-
-    path = ckpt_io.resolve(ckpt, str(ckpt))
-    meta = json.loads((path / ckpt_io.META).read_text())
-    par = (meta.get("config") or {}).get("parallel") or {}
-    split = {k: par[k] for k in ("tp", "pp", "ep") if par.get(k, 1) != 1}
-    if par.get("zero", 0) >= 3:
-        split["zero"] = par["zero"]
-    if meta.get("world_size", 1) != 1 and split:
-        layout = ", ".join(f"parallel.{k}={v}" for k, v in split.items())
-        raise ValueError(f"{path}: the model is split over ranks ({layout}); consolidate it first "
-                         f"(`pretrain ckpt consolidate {path} OUT`) and export the result")
-    model_state, _, meta = ckpt_io.load_checkpoint(path, rank=0)
-    return model_state, meta, path
+    path, _ = read_meta(ckpt)
+    full = consolidate(path, optimizer=False)
+    return full.model, full.meta, path
 
 
 def model_config(meta: dict, where: Path) -> tuple[str, Any]:

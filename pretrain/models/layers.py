@@ -12,6 +12,7 @@ Shapes are ``[batch, seq, features]``. "Local" means this rank's shard:
 * ``embedding(v, d)``: vocab split over ranks, output full ``d``.
 * ``lm_head``: logits over this rank's ``v / tp`` vocab entries; ``cross_entropy`` consumes them.
 * ``scatter_sequence`` / ``gather_sequence``: enter/leave the sequence-parallel region (no-ops here).
+* ``head_shard``: this rank's heads of a tensor computed in full (no-op here).
 """
 
 from __future__ import annotations
@@ -90,6 +91,11 @@ class LayerFactory:
         return x
 
     def gather_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def head_shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's heads (dim 1) of a per-head tensor every rank computes in full from replicated weights
+        (T5's relative position bias); under tensor parallelism the backward gathers all ranks' gradients."""
         return x
 
     def local_heads(self, num_heads: int) -> int:

@@ -1,8 +1,9 @@
 """Dense feed-forward blocks shared by every family (and, batched, by the Switch experts).
 
 Gated activations (``swiglu`` for Llama, ``geglu`` for T5 v1.1) use one fused input projection whose local
-output is ``[gate; up]`` (Megatron's convention: under tensor parallelism each rank's shard holds its own
-``[gate_r; up_r]`` halves, so no communication is needed between the two).
+output is ``[gate; up]`` (Megatron's convention: the projection is built with ``stride=2``, so under tensor
+parallelism each rank's shard holds its own ``[gate_r; up_r]`` slices of the single-process halves and no
+communication is needed between the two).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class MLP(nn.Module):
                  in_std: float, out_std: float):
         super().__init__()
         self.activation = activation
-        self.w_in = factory.column(dim, hidden * (2 if is_gated(activation) else 1), bias, in_std)
+        sections = 2 if is_gated(activation) else 1  # [gate; up]: each tensor rank keeps a slice of both
+        self.w_in = factory.column(dim, hidden * sections, bias, in_std, stride=sections)
         self.w_out = factory.row(hidden, dim, bias, out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,11 @@ Auxiliary losses (returned, weighted by the model):
 Expert weights are batched tensors ``[num_experts, ...]`` so expert parallelism shards dim 0. Moving tokens to
 experts is a separate :class:`TokenDispatcher`; expert parallel swaps in one that all-to-alls the
 ``[experts, capacity, dim]`` buffer, keeping capacity and dropping decisions local and identical.
+
+Under tensor parallelism the experts are not split (Megatron's expert-tensor-parallel size 1): every tensor
+rank holds the same experts and routes the same tokens. With sequence parallelism the layer first gathers the
+sequence shards (``factory.gather_sequence``) so capacity and dropping are decided over the whole
+micro-batch, as in one process, and hands back this rank's shard.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.models.layers import init_normal_
+from pretrain.models.layers import LayerFactory, LocalLayers, init_normal_
 from pretrain.models.mlp import activate, is_gated
 
 
@@ -88,9 +93,9 @@ class SwitchMLP(nn.Module):
     """Top-1 mixture of ``num_experts`` feed-forward experts; ``forward`` returns (output, aux dict)."""
 
     def __init__(self, cfg: MoEConfig, dim: int, hidden: int, activation: str, bias: bool,
-                 in_std: float, out_std: float, router_std: float = 0.02):
+                 in_std: float, out_std: float, router_std: float = 0.02, layers: LayerFactory | None = None):
         super().__init__()
-        self.cfg, self.activation = cfg, activation
+        self.cfg, self.activation, self.layers = cfg, activation, layers or LocalLayers()
         e, width = cfg.num_experts, hidden * (2 if is_gated(activation) else 1)
         self.router = nn.Parameter(init_normal_(torch.empty(e, dim), router_std))
         self.w_in = nn.Parameter(init_normal_(torch.empty(e, dim, width), in_std))
@@ -115,6 +120,7 @@ class SwitchMLP(nn.Module):
         return torch.bmm(h, self.w_out) if self.bias_out is None else torch.baddbmm(self.bias_out, h, self.w_out)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = self.layers.gather_sequence(x)  # the whole micro-batch under sequence parallelism
         shape, e = x.shape, self.cfg.num_experts
         x = x.reshape(-1, shape[-1])
         logits, probs = self.route(x)
@@ -127,4 +133,4 @@ class SwitchMLP(nn.Module):
         aux = {"load_balance_loss": e * (frac * probs.mean(0)).sum(),
                "z_loss": torch.logsumexp(logits, -1).pow(2).mean(),
                "drop_frac": 1.0 - keep.float().mean().detach()}
-        return y.view(shape), aux
+        return self.layers.scatter_sequence(y.view(shape)), aux

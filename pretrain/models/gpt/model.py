@@ -118,7 +118,7 @@ class Block(nn.Module):
         self.norm2 = f.norm(cfg.hidden_size, norm, cfg.norm_eps)
         ffn = dict(dim=cfg.hidden_size, hidden=cfg.ffn_size, activation="swiglu" if cfg.llama else "gelu",
                    bias=not cfg.llama, in_std=cfg.init_std, out_std=scaled_init_std(cfg.init_std, cfg.num_layers))
-        self.mlp = SwitchMLP(cfg.moe, **ffn) if cfg.moe.is_moe_layer(index) else MLP(f, **ffn)
+        self.mlp = SwitchMLP(cfg.moe, **ffn, layers=f) if cfg.moe.is_moe_layer(index) else MLP(f, **ffn)
 
     def forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
         return run_block(self, self._forward, h, ctx)

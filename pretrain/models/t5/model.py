@@ -6,7 +6,10 @@ none in cross-attention), pre-RMSNorm without bias or mean subtraction, Mesh-TF 
 input embedding. Each stack is ``embed -> blocks -> final norm``; the decoder adds the LM head.
 
 Self-attention uses a fused QKV projection laid out ``[head][q, k, v][d_kv]`` (whole heads per
-tensor-parallel rank); cross-attention fuses K and V the same way.
+tensor-parallel rank, so no ``stride`` is needed); cross-attention fuses K and V the same way. The relative
+position tables are drawn for all heads on every rank (one seed, one model under any tensor-parallel size) and
+each rank uses its heads' columns (``factory.head_shard``). Under sequence parallelism the encoder output
+stays sequence-sharded: the decoder's cross-attention ``column`` projections gather it themselves.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ class Block(nn.Module):
         self.norm2 = f.norm(cfg.d_model, "rmsnorm", cfg.norm_eps)
         ffn = dict(dim=cfg.d_model, hidden=cfg.d_ff, activation=cfg.activation, bias=False,
                    in_std=cfg.init_factor * cfg.d_model ** -0.5, out_std=cfg.init_factor * cfg.d_ff ** -0.5)
-        self.mlp = SwitchMLP(cfg.moe, **ffn) if switch else MLP(f, **ffn)
+        self.mlp = SwitchMLP(cfg.moe, **ffn, layers=f) if switch else MLP(f, **ffn)
 
     def forward(self, h: torch.Tensor, ctx: T5Context) -> torch.Tensor:
         return run_block(self, self._forward, h, ctx)
@@ -115,8 +118,8 @@ class Stack(nn.Module):
 
     def __init__(self, cfg: T5Config, f: LayerFactory, decoder: bool):
         super().__init__()
-        self.cfg, self.decoder = cfg, decoder
-        self.relative_bias = nn.Embedding(cfg.relative_attention_num_buckets, f.local_heads(cfg.num_heads))
+        self.cfg, self.decoder, self.layers = cfg, decoder, f
+        self.relative_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)  # all heads
         nn.init.normal_(self.relative_bias.weight, std=cfg.init_factor * cfg.d_model ** -0.5)
         n, first = (cfg.decoder_layers, cfg.num_layers) if decoder else (cfg.num_layers, 0)
         # Switch placement counts within the stack; indices are global so both stacks' aux losses stay apart.
@@ -128,7 +131,7 @@ class Stack(nn.Module):
         rel = torch.arange(k_len, device=device)[None] - torch.arange(q_len, device=device)[:, None]
         buckets = relative_position_bucket(rel, not self.decoder, self.cfg.relative_attention_num_buckets,
                                            self.cfg.relative_attention_max_distance)
-        return self.relative_bias(buckets).permute(2, 0, 1)[None]
+        return self.layers.head_shard(self.relative_bias(buckets).permute(2, 0, 1)[None])
 
     def forward(self, h: torch.Tensor, ctx: T5Context) -> torch.Tensor:
         for block in self.blocks:
@@ -152,11 +155,12 @@ class T5(nn.Module):
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                moe_aux: dict | None = None) -> torch.Tensor:
-        """Encoder output ``[b, enc_len, d]`` (full sequence, final-normed)."""
+        """Final-normed encoder output ``[b, enc_len, d]``; under sequence parallelism this rank's sequence
+        shard, which is what the decoder's cross-attention takes."""
         s = input_ids.shape[1]
         ctx = T5Context(bias=self.encoder.position_bias(s, s, input_ids.device), key_mask=attention_mask,
                         moe_aux={} if moe_aux is None else moe_aux)
-        return self.layers.gather_sequence(self.encoder(self.embed(input_ids), ctx))
+        return self.encoder(self.embed(input_ids), ctx)
 
     def decode(self, decoder_input_ids: torch.Tensor, encoder_out: torch.Tensor,
                attention_mask: torch.Tensor | None = None, moe_aux: dict | None = None) -> torch.Tensor:
