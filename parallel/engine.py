@@ -1,6 +1,7 @@
 """Parallel engines: ``build_engine(cfg)`` picks :class:`DeepSpeedEngine` (ZeRO 0-3 data parallelism around a
-tensor/sequence-parallel model), with ``pp > 1`` :class:`parallel.pipeline.PipelineEngine`, with ``ep > 1``
-:class:`parallel.data.DataParallelEngine` around a model whose Switch experts are sharded (:mod:`parallel.expert`).
+tensor/sequence-parallel model), with ``pp > 1`` :class:`parallel.pipeline.PipelineEngine`, otherwise with
+``ep > 1`` :class:`parallel.data.DataParallelEngine`; with ``ep > 1`` the model's Switch experts are sharded first
+(:mod:`parallel.expert`).
 
 Same interface as :class:`pretrain.engine.LocalEngine` (``train_step(micro_batches, lr)`` and friends), so the
 trainer does not know the layout. What this adds:
@@ -179,14 +180,16 @@ def build_engine(cfg: Config) -> Engine:
     mesh = Mesh(layout)
     torch.manual_seed(cfg.train.seed)  # the same full draw on every rank; each keeps its shard
     model = build_model(cfg.family, cfg.model, layer_factory(mesh, p.sp)).to(device)
+    if p.ep > 1:  # expert gradients need their own reduction group: our data-parallel step, not DeepSpeed's
+        from parallel.expert import shard_experts
+
+        shard_experts(model, mesh.group("ep"))
     if p.pp > 1:
         from parallel.pipeline import PipelineEngine
 
         return PipelineEngine(cfg, model, mesh, device)
-    if p.ep > 1:  # expert gradients need their own reduction group: our data-parallel step, not DeepSpeed's
+    if p.ep > 1:
         from parallel.data import DataParallelEngine
-        from parallel.expert import shard_experts
 
-        shard_experts(model, mesh.group("ep"))
         return DataParallelEngine(cfg, model, mesh, device)
     return DeepSpeedEngine(cfg, model, mesh, device)

@@ -49,7 +49,7 @@ def _all_gather_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     local = x.movedim(1, 0).contiguous()
     out = local.new_empty((world * local.shape[0], *local.shape[1:]))
     dist.all_gather_into_tensor(out, local, group=group)
-    return out.movedim(0, 1)
+    return out.movedim(0, 1).contiguous()  # contiguous: pipelines send these (and their gradients) as is
 
 
 def _reduce_scatter_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
@@ -59,7 +59,7 @@ def _reduce_scatter_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         raise ValueError(f"sequence length {full.shape[0]} is not divisible by tensor-parallel size {world}")
     out = full.new_empty((full.shape[0] // world, *full.shape[1:]))
     dist.reduce_scatter_tensor(out, full, group=group)
-    return out.movedim(0, 1)
+    return out.movedim(0, 1).contiguous()
 
 
 def _split_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:

@@ -11,9 +11,6 @@ from typing import Any
 
 from pretrain.config import Config, ConfigError
 
-IMPLEMENTED = ("implemented: GPT, T5 and Switch tp (+sp) x dp with ZeRO 0-3; GPT, T5 and Switch pp (1F1B, "
-               "interleaved) x tp x dp with ZeRO 0-1; Switch (GPT and T5) ep x tp (+sp) x dp with ZeRO 0-1")
-
 
 def _model_sizes(cfg: Config) -> dict[str, int]:
     """The dimensions tensor parallelism splits, by family (name in the message -> size)."""
@@ -75,12 +72,10 @@ def validate(cfg: Config) -> None:
     need(not p.offload_params or p.zero == 3, "parallel.offload_params needs parallel.zero=3 (only ZeRO-3 "
                                               "partitions the parameters themselves)")
     # What this version of the engines implements.
-    if p.pp > 1:
-        need(not getattr(cfg.model, "document_masking", False), f"parallel.pp={p.pp} with model.document_masking: document ids are not "
-                                     f"passed between stages yet; use pp=1")
+    need(p.pp == 1 or not getattr(cfg.model, "document_masking", False),
+         f"parallel.pp={p.pp} with model.document_masking: document ids are not passed between stages yet; "
+         f"use pp=1")
     if p.ep > 1:
-        need(p.pp == 1, f"parallel.ep={p.ep} with pp={p.pp}: expert parallelism is not combined with pipelines "
-                        f"yet; use ep=1 with pp={p.pp}, or pp=1 with ep={p.ep} ({IMPLEMENTED})")
         need(p.zero <= 1, f"parallel.ep={p.ep} with parallel.zero={p.zero}: the expert-parallel engine shards "
                           f"optimizer state (ZeRO-1) but not gradients or parameters; use parallel.zero=1 with "
                           f"ep={p.ep}, or ep=1 with zero={p.zero}")

@@ -7,7 +7,6 @@ uninterrupted run would be.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,6 +20,7 @@ from data.loader import build_dataloader, collate
 from data.sampler import DataParallelSampler
 from launch.preemption import PREEMPTED_EXIT_CODE, Watchdog
 from pretrain import checkpoint as ckpt
+from pretrain import reshard
 from pretrain.config import Config
 from pretrain.engine import Engine, build_engine
 from pretrain.metrics import MetricsLogger, peak_flops
@@ -82,9 +82,12 @@ class Trainer:
         if not self.cfg.checkpoint.dir:
             return None
         state = self.engine.state_dict()
-        extra = {"optimizer": state["optimizer"], "rng": ckpt.rng_state()}
+        # "portable" moments and the "sharding" index let any other layout load this checkpoint (collectives)
+        extra = {"optimizer": state["optimizer"], "rng": ckpt.rng_state(),
+                 "portable": reshard.optimizer_moments(self.engine)}
         meta = {"consumed_samples": self.consumed_samples, "config": self.cfg.to_dict(),
-                "scheduler": {"step": self.step, "consumed_samples": self.consumed_samples}}
+                "scheduler": {"step": self.step, "consumed_samples": self.consumed_samples},
+                "sharding": reshard.sharding_meta(self.engine)}
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         path = ckpt.save_checkpoint(self.cfg.checkpoint.dir, self.step, state["model"], extra, meta,
                                     rank=self.rank, world_size=world, keep_last=self.cfg.checkpoint.keep_last,
@@ -110,6 +113,16 @@ class Trainer:
         if path is None:
             log.info("no checkpoint in %s yet: starting from scratch", self.cfg.checkpoint.dir)
             return False
+        _, saved_meta = reshard.read_meta(path)
+        if not reshard.same_layout(saved_meta, self.engine):
+            # another layout saved it: assemble full tensors, cut this rank's pieces. Per-rank RNG streams do
+            # not map across layouts, so only dropout / router jitter draws differ from the never-stopped run.
+            full = reshard.consolidate(path)
+            reshard.load_into(self.engine, full)
+            self.step, self.consumed_samples = full.step, full.consumed_samples
+            log.info("resumed from %s at step %d, resharded from layout %s", path, self.step,
+                     saved_meta["sharding"]["layout"])
+            return True
         model_state, extra, meta = ckpt.load_checkpoint(path, self.rank)
         if "optimizer" not in extra:
             raise ckpt.CheckpointError(f"{path} holds weights only (e.g. from `pretrain import`): start from it "
@@ -123,20 +136,18 @@ class Trainer:
     def init_weights(self, which: str) -> None:
         """Load only the model weights of checkpoint ``which`` (continued pretraining, e.g. of an imported HF
         model); optimizer, schedule and data position start fresh."""
-        path = ckpt.resolve(which, which)
-        saved_world = json.loads((path / ckpt.META).read_text()).get("world_size", 1)
-        model_state, _, meta = ckpt.load_checkpoint(path, self.rank if saved_world > 1 else 0)  # 1 = full model
-        theirs, ours = meta.get("config", {}).get("model", {}), self.cfg.to_dict()["model"]
+        full = reshard.consolidate(which, optimizer=False)
+        theirs, ours = full.meta.get("config", {}).get("model", {}), self.cfg.to_dict()["model"]
         differ = sorted(k for k in ours if k in theirs and theirs[k] != ours[k])
         if differ:
-            log.warning("checkpoint.init_from %s: model config differs in %s", path, ", ".join(differ))
+            log.warning("checkpoint.init_from %s: model config differs in %s", which, ", ".join(differ))
         try:
-            self.engine.model.load_state_dict(model_state, strict=True)
-        except RuntimeError as e:
-            raise ckpt.CheckpointError(f"checkpoint.init_from {path} does not fit model {self.cfg.family}: {e}") \
+            reshard.load_into(self.engine, full, optimizer=False)
+        except (RuntimeError, KeyError) as e:
+            raise ckpt.CheckpointError(f"checkpoint.init_from {which} does not fit model {self.cfg.family}: {e}") \
                 from None
         log.info("initialised the model from %s (step %d); optimizer, schedule and data start fresh",
-                 path, meta["step"])
+                 which, full.step)
 
     # --- loop --------------------------------------------------------------------------------------------
     def evaluate(self) -> float:

@@ -52,7 +52,7 @@ def test_layout_from_world_errors(world, kw, msg):
     ({"ep": 2}, {}, "needs a Switch model"),
     ({"ep": 2, "zero": 2}, {"moe": {"num_experts": 4}}, "use parallel.zero=1 with ep=2"),
     ({"ep": 2, "tp": 2, "sp": True}, {"moe": {"num_experts": 4}}, None),  # experts replicated over tp
-    ({"ep": 2, "pp": 2}, {"moe": {"num_experts": 4}}, "not combined with pipelines yet"),
+    ({"ep": 2, "pp": 2}, {"moe": {"num_experts": 4}}, None),
     ({"pp": 2, "tp": 2}, {"moe": {"num_experts": 4}, "tie_embeddings": True}, None),
     ({"ep": 3}, {"moe": {"num_experts": 4}}, "must divide model.moe.num_experts=4"),
     ({"offload_params": True, "zero": 2}, {}, "offload_params needs parallel.zero=3"),
@@ -74,10 +74,10 @@ def test_t5_layouts():
     t5 = {"family": "t5", "vocab_size": 512, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2,
           "num_heads": 6}
     data = {"seq_length": 64, "decoder_seq_length": 31}
-    assert from_dict({"model": t5, "data": data, "parallel": {"tp": 2}}).parallel.tp == 2
+    assert from_dict({"model": t5, "data": data, "parallel": {"tp": 2, "pp": 2}}).parallel.pp == 2
     for parallel, msg in (({"tp": 4}, "does not divide model.num_heads=6"),
                           ({"tp": 2, "sp": True}, "data.decoder_seq_length \\(31\\) divisible by tp"),
-                          ({"pp": 2}, "encoder-decoder pipelines are not implemented yet; use pp=1")):
+                          ({"pp": 3, "vpp": 2}, "stages need at least that many layers; the model has 4")):
         with pytest.raises(ConfigError, match=msg):
             from_dict({"model": t5, "data": data, "parallel": parallel})
 

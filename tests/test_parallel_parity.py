@@ -243,7 +243,7 @@ LAYOUTS_4 = {
     "dp2 pp2 zero1 llama resumed": ("llama", {"pp": 2, "zero": 1}, True),
     "tp2 pp2 sp gpt2_deep": ("gpt2_deep", {"tp": 2, "pp": 2, "sp": True}),
     "dp2 pp2 zero1 switch_deep": ("switch_deep", {"pp": 2, "zero": 1}),
-    "dp2 pp2 zero1 switch_t5": ("switch_t5", {"pp": 2, "zero": 1}),
+    "ep2 pp2 zero1 switch_t5": ("switch_t5", {"pp": 2, "ep": 2, "zero": 1}),
     "dp2 pp2 interleaved t5": ("t5", {"pp": 2, "vpp": 2}),
     "tp2 pp2 sp t5": ("t5", {"tp": 2, "pp": 2, "sp": True}),
     "dp2 ep2 zero1 switch resumed": ("switch", {"ep": 2, "zero": 1}, True),
