@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,7 @@ def test_pretrain_train_and_resume(tmp_path, tiny_shard_prefix, tiny_tokenizer):
     assert "step 3/3 | loss" in first.stdout and "MFU" in first.stdout
     assert (run_dir / "latest").read_text().strip() == "step_00000003"
     assert (run_dir / "config.yaml").is_file() and list((run_dir / "tensorboard").iterdir())
+    shutil.copytree(run_dir, tmp_path / "tp")  # resumed below under another layout
 
     # the same run extended to 5 steps continues from step 3
     second = pretrain("train", *common, "train.steps=5", "--resume", "auto")
@@ -57,6 +59,15 @@ def test_pretrain_train_and_resume(tmp_path, tiny_shard_prefix, tiny_tokenizer):
     assert losses(dp_dir) == pytest.approx(losses(run_dir)[:3], abs=1e-5)
     assert sorted(p.name for p in (dp_dir / "step_00000003").glob("model_rank*")) == [
         "model_rank00000.safetensors", "model_rank00001.safetensors"]
+
+    # the single-process checkpoint of step 3 resumed under tensor parallelism (TP2, 2 ranks): resharded on
+    # load (weights and Adam moments), steps 4-5 continue as the never-stopped single process did
+    tp_dir = tmp_path / "tp"
+    tp = pretrain("train", *common, "train.steps=5", f"checkpoint.dir={tp_dir}", "parallel.tp=2",
+                  "--resume", "auto", launcher=torchrun[:-1] + (f"--master_port={free_port()}",))
+    assert tp.returncode == 0, tp.stderr + tp.stdout
+    assert "resharded from layout" in tp.stdout + tp.stderr
+    assert losses(tp_dir)[3:] == pytest.approx(losses(run_dir)[3:5], rel=1e-5)
 
 
 def test_bad_config_fails_before_work(tmp_path):
