@@ -98,8 +98,6 @@ class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
 
     def __init__(self, path: str | Path, num_threads: int = -1):
-        import sentencepiece as spm
-
         self.path = str(path)
         self.num_threads = num_threads
         self._proto = Path(path).read_bytes()

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from data.corpus import CorpusReader
 from data.demo_corpus import ensure_demo_corpus
@@ -57,3 +58,12 @@ def tiny_shard_prefix(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> str:
     meta = prepare([str(tiny_corpus)], tiny_tokenizer.path, prefix, workers=1, append_eod=True, progress=False)
     assert meta["documents"] > 100 and json.loads(Path(prefix + ".json").read_text())["tokens"] == meta["tokens"]
     return prefix
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Train on one thread (the suite's distributed tests own the other core); restores the count after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,12 +19,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL_GPT = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=null"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_cfg(name: str, tmp_path: Path, prefix: str, tokenizer, *overrides: str):

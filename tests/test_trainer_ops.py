@@ -25,12 +25,7 @@ from tests.dist_utils import REPO, free_port
 from tests.test_trainer import make_cfg, metrics
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_train_step_reads_the_device_once(tmp_path, tiny_shard_prefix, tiny_tokenizer, monkeypatch):
