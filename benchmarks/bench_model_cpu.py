@@ -15,19 +15,9 @@ import time
 
 import torch
 
+from pretrain.metrics import measure_cpu_flops
 from pretrain.models import build_model
 from pretrain.models.flops import flops_per_token, param_count
-
-
-def matmul_rate(n: int = 2048, repeats: int = 3) -> float:
-    """Best FLOP/s of an ``n x n`` fp32 matmul: the practical peak of this CPU at this thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
 
 
 def hf_llama(cfg):
@@ -70,7 +60,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in steps}
     peaks: list[float] = []
     for i in range(args.steps + 2):
-        peaks.append(matmul_rate())
+        peaks.append(measure_cpu_flops(n=2048, repeats=3))
         for name, loss_fn in steps.items():
             t0 = time.perf_counter()
             loss = loss_fn()
