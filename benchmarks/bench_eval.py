@@ -27,30 +27,16 @@ import torch  # noqa: E402
 from evals.engine import Engine  # noqa: E402
 from evals.local_data import ensure_local_eval_data  # noqa: E402
 from evals.model import HFModel  # noqa: E402
+from evals.random_model import random_hf_llama  # noqa: E402
 from evals.tasks import load_task  # noqa: E402
 
 
 def random_llama(out: Path, data_dir: Path) -> Path:
     """A random-init Llama with a byte-level BPE 8k tokenizer trained on the KJV tasks' text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     texts = [json.loads(line)["text"] for line in open(data_dir / "kjv_chapters.jsonl")]
     texts += [" ".join([r["ctx"], *r["endings"]]) for r in map(json.loads, open(data_dir / "kjv_cont.jsonl"))]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8192, special_tokens=["<s>", "</s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                        show_progress=False))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-                      bos_token_id=0, eos_token_id=1, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(out)
-    return out
+    return random_hf_llama(out, texts, vocab_size=8192, hidden_size=256, intermediate_size=688, num_layers=4,
+                           num_heads=8, num_kv_heads=4, max_positions=512)
 
 
 def task_requests(name: str, limit: int) -> tuple[str, list]:

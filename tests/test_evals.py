@@ -21,6 +21,7 @@ from evals.engine import Engine, rolling_windows  # noqa: E402
 from evals.harness import evaluate_tasks  # noqa: E402
 from evals.local_data import ensure_local_eval_data  # noqa: E402
 from evals.model import HFModel  # noqa: E402
+from evals.random_model import random_hf_llama  # noqa: E402
 from evals.tasks import TaskError, load_task  # noqa: E402
 
 TASKS = ["kjv_cont", "kjv_lastword", "kjv_ppl", "kjv_cont_long"]
@@ -41,25 +42,9 @@ def data_dir():
 
 @pytest.fixture(scope="module")
 def tiny_hf(data_dir, tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     texts = [json.loads(line)["text"] for line in open(data_dir / "kjv_chapters.jsonl")]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                        show_progress=False))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CTX,
-                      bos_token_id=0, eos_token_id=1, tie_word_embeddings=True)
-    out = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(out)
-    return out
+    return random_hf_llama(tmp_path_factory.mktemp("tiny_llama"), texts, vocab_size=512, hidden_size=64,
+                           intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, max_positions=CTX)
 
 
 @pytest.fixture(scope="module")
