@@ -1,14 +1,14 @@
 """Our scoring engine as an lm-evaluation-harness model named ``pretrain``, so every lm-eval task runs on our
 checkpoints (and on any HF directory through our engine).
 
-lm-eval 0.4.13 finds models only in its registry (no entry-point discovery), so the class must be registered
-before lm-eval resolves ``--model``. Importing this module does that. From the shell use this module as the
-``lm-eval`` command::
+lm-eval 0.4.13 finds models only in its registry (no entry-point discovery). After ``python -m
+evals.lm_eval_plugin install`` (the Makefile runs it; see :mod:`evals.lm_eval_hook`) the plain command works::
 
-    python -m evals.lm_eval_plugin run --model pretrain --model_args checkpoint=CKPT_DIR --tasks hellaswag
-    python -m evals.lm_eval_plugin run --model pretrain --model_args hf=HF_DIR --batch_size 32 --tasks ...
+    lm_eval --model pretrain --model_args checkpoint=CKPT_DIR --tasks hellaswag
+    lm_eval --model pretrain --model_args hf=HF_DIR --batch_size 32 --tasks ...
 
-and from Python ``import evals.lm_eval_plugin`` before ``lm_eval.simple_evaluate(model="pretrain", ...)``.
+Without it, ``lm-eval-pretrain`` (or ``python -m evals.lm_eval_plugin``) is lm-eval's command with the model
+registered, and from Python ``import evals.lm_eval_plugin`` before ``lm_eval.simple_evaluate(model="pretrain")``.
 ``model_args``: ``checkpoint`` or ``hf``, optional ``tokenizer``, ``max_length``, ``device``.
 """
 
@@ -18,7 +18,7 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from evals.engine import Engine
+from evals.engine import make_engine
 from evals.model import EvalModel, load_model
 
 
@@ -32,7 +32,7 @@ class PretrainLM(LM):
         self.eval_model = model or load_model(checkpoint, hf, tokenizer, device,
                                               int(max_length) if max_length else None)
         bs = int(batch_size) if str(batch_size or "").isdigit() else 16  # "auto" -> default
-        self.engine = Engine(self.eval_model, batch_size=bs)
+        self.engine = make_engine(self.eval_model, batch_size=bs)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         self.engine.progress = not disable_tqdm
@@ -59,7 +59,18 @@ class PretrainLM(LM):
 
 
 def main() -> None:
-    """lm-eval's command line with ``pretrain`` registered (usable as a console-script entry point)."""
+    """lm-eval's command line with ``pretrain`` registered (the ``lm-eval-pretrain`` console script), plus
+    ``install`` / ``uninstall`` of the hook that registers it for the plain ``lm_eval`` command."""
+    import sys
+
+    from evals import lm_eval_hook
+
+    if sys.argv[1:] == ["install"]:
+        print(f"wrote {lm_eval_hook.write_pth()}: `lm_eval --model {lm_eval_hook.NAME}` now finds our model")
+        return
+    if sys.argv[1:] == ["uninstall"]:
+        print(f"removed {lm_eval_hook.remove_pth()}")
+        return
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()

@@ -36,7 +36,7 @@ class DataParallelEngine(Engine):
 
     def __init__(self, cfg: Config, model: nn.Module, mesh: Mesh, device: torch.device):
         self.cfg, self.mesh, self.device, self.model = cfg, mesh, device, model
-        self.dp_rank, self.dp_size = mesh.dp_rank, mesh.layout.dp
+        self.dp_rank, self.dp_size, self.dp_group = mesh.dp_rank, mesh.layout.dp, mesh.group("dp")
         self.model_parallel_size = mesh.layout.tp * mesh.layout.pp
         if mesh.layout.tp > 1:
             from parallel.tensor import register_sequence_parallel_grad_hooks

@@ -100,6 +100,11 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     eval_interval: int = 0  # 0 = no validation
     eval_steps: int = 10
+    # zero-/few-shot tasks (names or YAML paths, as for `pretrain eval`) scored on the live model at every
+    # eval_interval, requests split over the data-parallel ranks; logged as eval/<task>/<k>shot/<metric>
+    eval_tasks: list = field(default_factory=list)
+    eval_tasks_limit: int | None = 200  # first N items of each task (None = all)
+    eval_tasks_fewshot: int = 0
     prefetch: bool = True  # read and collate the next step's micro-batches in a background thread
     max_nonfinite: int = 5  # stop (with a checkpoint) after this many non-finite steps in a row
     # end the process with a diagnostic (rank, phase, stacks; exit 124) when a step, validation or checkpoint save
@@ -229,6 +234,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     elif origin in (list, tuple):
         if isinstance(value, (list, tuple)):
             return origin(value)
+        if isinstance(value, str):  # `train.eval_tasks=a,b` on the command line
+            return origin(v.strip() for v in value.split(",") if v.strip())
     else:
         return value
     raise ConfigError(f"{key} must be {getattr(origin, '__name__', origin)}, got {value!r} "
@@ -316,11 +323,33 @@ def validate(cfg: Config) -> None:
     for k in ("tp", "pp", "vpp", "ep"):
         need(getattr(p, k) >= 1, f"parallel.{k} must be >= 1")
     need(p.zero in (0, 1, 2, 3), f"parallel.zero must be 0..3, got {p.zero}")
+    if t.eval_tasks:
+        _validate_eval_tasks(cfg, need)
     try:
         deep = importlib.import_module("parallel.validate")
     except ModuleNotFoundError:
         return
     deep.validate(cfg)
+
+
+def _validate_eval_tasks(cfg: Config, need) -> None:
+    t, p = cfg.train, cfg.parallel
+    need(t.eval_interval > 0, "train.eval_tasks runs at every train.eval_interval: set train.eval_interval > 0")
+    need(t.eval_tasks_limit is None or t.eval_tasks_limit > 0, "train.eval_tasks_limit must be > 0 or null")
+    need(t.eval_tasks_fewshot >= 0, "train.eval_tasks_fewshot must be >= 0")
+    need(bool(cfg.data.tokenizer), "train.eval_tasks needs data.tokenizer (the tasks' text is encoded with it)")
+    # ranks score different requests, so every forward must be local to a data-parallel replica
+    need(p.pp == 1 and p.ep == 1 and p.zero < 3,
+         f"train.eval_tasks scores the live model, which needs parallel.pp=1, ep=1 and zero<3 (got pp={p.pp}, "
+         f"ep={p.ep}, zero={p.zero}); drop train.eval_tasks and run `pretrain eval --checkpoint` on the saved "
+         "checkpoints instead (any layout)")
+    from evals.tasks import TaskError, task_path
+
+    for name in t.eval_tasks:
+        try:
+            task_path(name)
+        except TaskError as e:
+            raise ConfigError(f"train.eval_tasks: {e}") from None
 
 
 def is_parallel(cfg: Config) -> bool:

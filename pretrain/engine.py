@@ -26,6 +26,7 @@ class Engine:
     device: torch.device = torch.device("cpu")
     dp_rank: int = 0
     dp_size: int = 1
+    dp_group = None  # process group of this rank's data-parallel peers; None = the whole world
     model_parallel_size: int = 1  # ranks sharing one model replica (tensor x pipeline x expert), for MFU
 
     def train_step(self, micro_batches: list[dict], lr: float) -> dict:

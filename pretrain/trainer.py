@@ -73,6 +73,7 @@ class Trainer:
         self.train_data, self.valid_data = train_data, valid_data
         self.step, self.consumed_samples = 0, 0
         self.watchdog: Watchdog | None = None  # running during fit()
+        self._eval_model = None  # the live model wrapped for evals, built at the first task evaluation
         self.metrics = MetricsLogger(cfg.log_dir if self.rank == 0 else None, cfg.logging.tensorboard)
         self.peak = (cfg.logging.peak_tflops * 1e12 if cfg.logging.peak_tflops
                      else peak_flops(self.engine.device))
@@ -162,6 +163,26 @@ class Trainer:
             lm_sum, tokens = lm_sum + out["lm_loss_sum"], tokens + out["num_tokens"]
         return lm_sum / max(tokens, 1.0)
 
+    def evaluate_tasks(self) -> dict[str, float]:
+        """Scores of the live model on ``train.eval_tasks``: ``{"eval/<task>/<k>shot/<metric>": value}``."""
+        from evals.harness import evaluate_tasks, scalar_metrics
+        from evals.pretrain_model import PretrainModel
+
+        t = self.cfg.train
+        if self._eval_model is None:
+            from data.tokenizer import load_tokenizer
+
+            self._eval_model = PretrainModel(self.engine.model, load_tokenizer(self.cfg.data.tokenizer))
+        devices = [self.engine.device] if self.engine.device.type == "cuda" else []
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=devices):  # leave the training RNG stream untouched (exact resume)
+            results = evaluate_tasks(self._eval_model, list(t.eval_tasks), t.eval_tasks_fewshot,
+                                     t.eval_tasks_limit, progress=False, group=self.engine.dp_group)
+        scores = scalar_metrics(results)
+        log.info("step %d: tasks (%.1f s) %s", self.step, time.perf_counter() - start,
+                 " | ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in scores.items()))
+        return scores
+
     def fit(self) -> int:
         """Train to ``train.steps``; returns an exit code (EXIT_OK, EXIT_PREEMPTED, EXIT_NONFINITE)."""
         timeout = float(os.environ.get("PRETRAIN_WATCHDOG_TIMEOUT", self.cfg.train.watchdog_timeout))
@@ -232,6 +253,9 @@ class Trainer:
                 val = self.evaluate()
                 self.metrics.write({"step": self.step, "val_loss": val})
                 log.info("step %d: validation loss %.4f (ppl %.2f)", self.step, val, math.exp(min(val, 50)))
+            if t.eval_tasks and (self.step % t.eval_interval == 0 or self.step == total):
+                self._beat("task evaluation")
+                self.metrics.write({"step": self.step, **self.evaluate_tasks()})
             stop = self._agree(self.stop.requested)
             if code != EXIT_OK or stop:
                 if stop:

@@ -134,6 +134,28 @@ def test_lm_eval_plugin_matches_hf_backend(tiny_hf, reference, lm_eval_tasks):
     print("plugin max |dLL| vs lm-eval hf:", PARITY)
 
 
+def test_plain_lm_eval_command_finds_our_model(tiny_hf, reference, lm_eval_tasks, tmp_path):
+    """`lm_eval --model pretrain` in a fresh process, through the .pth hook that `make` installs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from evals import lm_eval_hook
+
+    lm_eval_hook.write_pth()  # what `python -m evals.lm_eval_plugin install` (run by the Makefile) does
+    cmd = [str(Path(sys.executable).with_name("lm_eval")), "--model", "pretrain", "--model_args", f"hf={tiny_hf}",
+           "--include_path", str(lm_eval_tasks), "--tasks", "kjv_cont_lm", "--limit", str(LIMITS["kjv_cont"]),
+           "--batch_size", "4", "--device", "cpu", "--output_path", str(tmp_path), "--log_samples"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    results = json.loads(next(tmp_path.rglob("results_*.json")).read_text())["results"]["kjv_cont_lm"]
+    assert results["acc,none"] == reference["kjv_cont"]["metrics"]["acc"]
+    assert results["acc_norm,none"] == reference["kjv_cont"]["metrics"]["acc_norm"]
+    samples = [json.loads(line) for line in next(tmp_path.rglob("samples_kjv_cont_lm_*.jsonl")).open()]
+    lls = [[float(r[0][0]) for r in s["resps"]] for s in sorted(samples, key=lambda s: s["doc_id"])]
+    assert np.allclose(np.concatenate(lls), np.concatenate(reference["kjv_cont"]["lls"]), atol=1e-4, rtol=0)
+
+
 def dp_worker(args: dict) -> dict:
     model = HFModel.from_pretrained(args["path"])
     res = evaluate_tasks(model, ["kjv_cont", "kjv_ppl"], limit=6, batch_size=2, log_samples=True, progress=False)

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from evals.harness import evaluate_tasks, scalar_metrics
+from evals.local_data import ensure_local_eval_data
+from evals.pretrain_model import load_checkpoint_model
 from launch.env import detect, first_host
 from launch.preemption import PreemptionHandler, requeue
 from launch.slurm import LaunchError, SlurmJob, check_train_command, render_script
@@ -143,15 +146,21 @@ def test_launch_local_runs_two_ranks(tiny_shard_prefix, tiny_tokenizer, tmp_path
     cmd = [sys.executable, "-m", "pretrain.cli", "launch", "local", "--nproc", "2", "--", "train",
            "configs/gpt_tiny.yaml", f"data.train=[{tiny_shard_prefix}]", f"data.tokenizer={tiny_tokenizer.path}",
            "model.vocab_size=1000", "model.num_layers=1", "model.hidden_size=32", "data.seq_length=32",
-           "train.steps=2", "train.global_batch_size=4", "train.micro_batch_size=2", "train.eval_interval=0",
+           "train.steps=2", "train.global_batch_size=4", "train.micro_batch_size=2", "train.eval_interval=2",
+           "train.eval_steps=1", "train.eval_tasks=kjv_cont", "train.eval_tasks_limit=10",
            f"checkpoint.dir={ckpt}", "logging.interval=1", "logging.tensorboard=false"]
+    ensure_local_eval_data()
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "rank 0/2" in out.stderr and "torch.distributed.run" in out.stderr
-    steps = [json.loads(line)["step"] for line in (ckpt / "metrics.jsonl").read_text().splitlines()
-             if '"loss"' in line]
-    assert steps == [1, 2]
+    records = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    # the two ranks split the task's requests; together they score what one process scores on the checkpoint
+    during = next(r for r in records if "eval/kjv_cont/0shot/acc" in r)
+    model = load_checkpoint_model(ckpt)
+    assert scalar_metrics(evaluate_tasks(model, ["kjv_cont"], 0, 10, progress=False)) == \
+        {k: v for k, v in during.items() if k != "step"}
 
 
 # --- checks before submitting -------------------------------------------------------------------------------
