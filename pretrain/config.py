@@ -184,8 +184,11 @@ def _suggest(key: str, options) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(options))}"
 
 
-def _build(cls: type, values: dict, where: str) -> Any:
-    """Instantiate dataclass ``cls`` from ``values``, checking names and types."""
+def dataclass_from_dict(cls: type, values: dict, where: str) -> Any:
+    """Instantiate dataclass ``cls`` from plain ``values`` (a YAML section), checking names and types and
+    recursing into nested dataclass fields; nothing is silently ignored."""
+    if isinstance(values, cls):
+        return values
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping of keys, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -194,7 +197,9 @@ def _build(cls: type, values: dict, where: str) -> Any:
     for key, value in values.items():
         if key not in fields:
             raise ConfigError(f"unknown key '{where}.{key}'{_suggest(key, fields)}")
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+        hint, name = hints[key], f"{where}.{key}"
+        kwargs[key] = (dataclass_from_dict(hint, value, name) if dataclasses.is_dataclass(hint)
+                       else _coerce(value, hint, name))
     return cls(**kwargs)
 
 
@@ -250,7 +255,7 @@ def from_dict(raw: dict, source: str = "<config>") -> Config:
     for key in raw:
         if key not in valid:
             raise ConfigError(f"{source}: unknown section '{key}'{_suggest(key, valid)}")
-    sections = {name: _build(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()}
+    sections = {name: dataclass_from_dict(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()}
     model_raw = dict(raw.get("model") or {})
     family = model_raw.pop("family", None)
     if not family:
@@ -262,10 +267,10 @@ def from_dict(raw: dict, source: str = "<config>") -> Config:
 
 def build_model_config(family: str, values: dict) -> Any:
     """The family's config dataclass from ``values``, validated by the family; errors name ``model.<key>``."""
-    from pretrain.models import config_class, config_from_dict
+    from pretrain.models import config_class
 
     try:
-        model_cfg = config_from_dict(config_class(family), values)
+        model_cfg = dataclass_from_dict(config_class(family), values, "model")
         model_cfg.validate()
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e) if "model" in str(e) else f"model: {e}") from None

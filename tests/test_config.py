@@ -33,7 +33,7 @@ def test_overrides_apply_with_yaml_types(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("train.step=5", "unknown key 'train.step'; did you mean 'steps'"),
     ("trian.steps=5", "unknown section 'trian'; did you mean 'train'"),
-    ("model.hiden_size=5", "model.hidden_size"),
+    ("model.hiden_size=5", "unknown key 'model.hiden_size'; did you mean 'hidden_size'"),
     ("train.steps=abc", "train.steps must be int, got 'abc'"),
     ("train.steps=0", "train.steps must be > 0"),
     ("train.micro_batch_size=3", "multiple of train.micro_batch_size"),
@@ -76,8 +76,8 @@ def test_exponent_floats_read_as_numbers(tmp_path):
     cfg = load_config(path, ["train.steps=2e3", "optimizer.eps=1e-9"])
     assert (cfg.optimizer.lr, cfg.schedule.min_lr, cfg.train.steps, cfg.optimizer.eps) == (1e-5, 3e-6, 2000, 1e-9)
     assert cfg.model.init_std == 0.02  # the family's own section too
-    from pretrain.config import OptimizerConfig, _build
+    from pretrain.config import OptimizerConfig, dataclass_from_dict
 
-    assert _build(OptimizerConfig, {"lr": "1e-5"}, "optimizer").lr == 1e-5  # a string from another reader
+    assert dataclass_from_dict(OptimizerConfig, {"lr": "1e-5"}, "optimizer").lr == 1e-5  # a string from another reader
     with pytest.raises(ConfigError, match="optimizer.lr must be a number"):
-        _build(OptimizerConfig, {"lr": "fast"}, "optimizer")
+        dataclass_from_dict(OptimizerConfig, {"lr": "fast"}, "optimizer")

@@ -20,7 +20,8 @@ from pretrain.config import Config
 from pretrain.hf import configs
 from pretrain.hf.export import export
 from pretrain.hf.tokenizer import save_hf_tokenizer
-from pretrain.models import build_model, config_class, config_from_dict
+from pretrain.config import dataclass_from_dict
+from pretrain.models import build_model, config_class
 
 LLAMA_STYLE = dict(normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
                    allow_whitespace_only_pieces=True)
@@ -142,7 +143,7 @@ def sp_tokenizer(tmp_path_factory, real_text) -> Path:
 def make_checkpoint(root: Path, family: str, values: dict, tokenizer: Path, seed: int = 0):
     """A random-init model of ours saved as a training checkpoint; returns (model, step dir)."""
     vocab = spm.SentencePieceProcessor(model_file=str(tokenizer)).get_piece_size()
-    cfg = config_from_dict(config_class(family), {"vocab_size": vocab, **values})
+    cfg = dataclass_from_dict(config_class(family), {"vocab_size": vocab, **values}, "model")
     torch.manual_seed(seed)
     model = build_model(family, cfg).eval()
     full = Config(model=cfg, family=family)
@@ -235,8 +236,8 @@ def test_export_from_data_parallel_checkpoint(tmp_path, sp_tokenizer):
     import transformers
 
     torch.manual_seed(0)
-    cfg = config_from_dict(config_class("gpt"), dict(LLAMA, vocab_size=spm.SentencePieceProcessor(
-        model_file=str(sp_tokenizer)).get_piece_size()))
+    cfg = dataclass_from_dict(config_class("gpt"), dict(LLAMA, vocab_size=spm.SentencePieceProcessor(
+        model_file=str(sp_tokenizer)).get_piece_size()), "model")
     model = build_model("gpt", cfg).eval()
     for tp, root in ((1, tmp_path / "dp"), (2, tmp_path / "tp")):
         full = Config(model=cfg, family="gpt")

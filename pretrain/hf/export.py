@@ -63,13 +63,14 @@ def load_model_state(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 
 def model_config(meta: dict, where: Path) -> tuple[str, Any]:
     """``(family, validated config dataclass)`` from a checkpoint's ``meta.json``."""
-    from pretrain.models import config_class, config_from_dict
+    from pretrain.config import dataclass_from_dict
+    from pretrain.models import config_class
 
     model = dict((meta.get("config") or {}).get("model") or {})
     family = model.pop("family", None)
     if not family:
         raise ValueError(f"{where}: meta.json has no config.model.family")
-    cfg = config_from_dict(config_class(family), model)
+    cfg = dataclass_from_dict(config_class(family), model, "model")
     cfg.validate()
     return family, cfg
 

@@ -44,11 +44,12 @@ def read_hf_config(hf_dir: str | Path):
 
 def convert(hf_dir: str | Path):
     """``(family, our config dataclass, our state dict, HF config)`` of the model in ``hf_dir``."""
-    from pretrain.models import build_model, config_class, config_from_dict
+    from pretrain.config import dataclass_from_dict
+    from pretrain.models import build_model, config_class
 
     hf_config = read_hf_config(hf_dir)
     family, values = configs.from_hf_config(hf_config)
-    cfg = config_from_dict(config_class(family), values)
+    cfg = dataclass_from_dict(config_class(family), values, "model")
     cfg.validate()
     arch = hf_config.architectures[0]
     model_cls, _ = hf_classes(arch)

@@ -6,8 +6,6 @@ so that ``import pretrain.models`` stays cheap.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import importlib
 import typing
 from dataclasses import dataclass, field
@@ -62,48 +60,14 @@ def build_model(family: str, cfg: dict | typing.Any, layers: LayerFactory | None
     if isinstance(cfg, dict):
         if cfg.get("family", family) != family:
             raise ValueError(f"model.family={cfg['family']!r} contradicts the requested family {family!r}")
-        cfg = config_from_dict(module.CONFIG, {k: v for k, v in cfg.items() if k != "family"})
+        from pretrain.config import dataclass_from_dict
+
+        cfg = dataclass_from_dict(module.CONFIG, {k: v for k, v in cfg.items() if k != "family"}, "model")
     elif not isinstance(cfg, module.CONFIG):
         raise TypeError(f"model config for family {family!r} must be a dict or {module.CONFIG.__name__}, "
                         f"got {type(cfg).__name__}")
     cfg.validate()
     return module.MODEL(cfg, layers)
-
-
-def config_from_dict(cls: type, values: dict, prefix: str = "model") -> typing.Any:
-    """Build dataclass ``cls`` from a plain dict, recursing into nested dataclass fields.
-
-    Unknown keys raise a ValueError naming the key and the closest valid one; nothing is silently ignored.
-    """
-    if isinstance(values, cls):
-        return values
-    if not isinstance(values, dict):
-        raise ValueError(f"{prefix}: expected a mapping of keys to values, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in values.items():
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            fix = f"did you mean {prefix}.{close[0]}?" if close else f"valid keys: {', '.join(fields)}"
-            raise ValueError(f"unknown config key {prefix}.{key}; {fix}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            value = config_from_dict(hint, value, f"{prefix}.{key}")
-        else:
-            _check_type(f"{prefix}.{key}", value, hint)
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
-def _check_type(name: str, value: typing.Any, hint: typing.Any) -> None:
-    """Reject e.g. ``num_layers: "12"`` early; ints are accepted where floats are expected."""
-    allowed = tuple(t for t in typing.get_args(hint) or (hint,) if isinstance(t, type))
-    if float in allowed:
-        allowed += (int,)
-    if bool not in allowed and isinstance(value, bool) or not isinstance(value, allowed):
-        names = " or ".join(sorted({"null" if t is type(None) else t.__name__ for t in allowed}))
-        raise ValueError(f"config key {name}={value!r}: expected {names}")
 
 
 def _family(family: str):
