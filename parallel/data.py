@@ -67,23 +67,18 @@ class DataParallelEngine(Engine):
         dist.all_reduce(t, group=self.mesh.group("dp"))
         return t.item()
 
-    def _forward_backward(self, micro_batches: list[dict], total_tokens: float, train: bool) -> tuple[float, float]:
-        """This rank's (LM loss sum, aux loss sum) over its micro-batches; backward when ``train``."""
+    def _forward_backward(self, micro_batches: list[dict], total_tokens: float, train: bool) -> torch.Tensor:
+        """This rank's ``[LM loss sum, aux loss sum]`` over its micro-batches, kept on the device (no host sync
+        between micro-batches); backward when ``train``."""
         n_micro = len(micro_batches) * self.dp_size
-        lm_sum = aux = 0.0
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         for mb in micro_batches:
             out = self.model(**move(mb, self.device))
             aux_i = out.loss - out.lm_loss_sum / out.num_tokens.clamp(min=1)
             if train:
                 (out.lm_loss_sum / max(total_tokens, 1.0) + aux_i / n_micro).backward()
-            lm_sum += out.lm_loss_sum.item()
-            aux += aux_i.item()
-        return lm_sum, aux
-
-    def _sum_over_dp(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=self.mesh.group("dp"))
-        return t.tolist()
+            sums += torch.stack([out.lm_loss_sum.detach(), aux_i.detach()]).double()
+        return sums
 
     def train_step(self, micro_batches, lr):
         self.model.train()
@@ -91,9 +86,11 @@ class DataParallelEngine(Engine):
             for group in opt.param_groups:
                 group["lr"] = lr
         total_tokens = self._global_tokens(micro_batches)
-        lm_sum, aux = self._sum_over_dp(list(self._forward_backward(micro_batches, total_tokens, train=True)))
+        sums = self._forward_backward(micro_batches, total_tokens, train=True)
+        dist.all_reduce(sums, group=self.mesh.group("dp"))
         self._all_reduce_grads()
-        grad_norm = self._clip(self.cfg.optimizer.clip_grad)
+        norm = self._clip(self.cfg.optimizer.clip_grad)
+        lm_sum, aux, grad_norm = torch.cat([sums, norm.reshape(1).double()]).tolist()  # the step's one host sync
         lm_loss = lm_sum / max(total_tokens, 1.0)
         loss = lm_loss + aux / (len(micro_batches) * self.dp_size)
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -114,7 +111,8 @@ class DataParallelEngine(Engine):
             for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
                 g.copy_(synced)
 
-    def _clip(self, max_norm: float) -> float:
+    def _clip(self, max_norm: float) -> torch.Tensor:
+        """Clip to the global norm (over tensor, pipeline and expert shards) and return it, on the device."""
         first = self.mesh.tp_rank == 0
         sq = {False: torch.zeros((), device=self.device), True: torch.zeros((), device=self.device)}
         for p in self.params:
@@ -125,19 +123,19 @@ class DataParallelEngine(Engine):
         dist.all_reduce(sq[True], group=self.mesh.group("ep"))  # each expert rank holds different experts
         total = sq[False] + sq[True]
         dist.all_reduce(total, group=self.mesh.group("mp"))
-        norm = total.sqrt().item()
-        if max_norm > 0 and math.isfinite(norm):
-            scale = min(1.0, max_norm / (norm + 1e-6))
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
+        norm = total.sqrt()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if max_norm > 0 and grads:  # a non-finite norm makes the grads non-finite: that step is skipped anyway
+            torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
         return norm
 
     @torch.no_grad()
     def eval_step(self, micro_batches):
         self.model.eval()
-        lm_sum, _ = self._forward_backward(micro_batches, 1.0, train=False)
-        lm_sum, tokens = self._sum_over_dp([lm_sum, sum(float(mb["loss_mask"].sum()) for mb in micro_batches)])
+        sums = self._forward_backward(micro_batches, 1.0, train=False)
+        sums[1] = sum(float(mb["loss_mask"].sum()) for mb in micro_batches)  # tokens (CPU batches: no sync)
+        dist.all_reduce(sums, group=self.mesh.group("dp"))
+        lm_sum, tokens = sums.tolist()
         return {"lm_loss_sum": lm_sum, "num_tokens": tokens}
 
     def _local_optimizers(self) -> list[torch.optim.Optimizer]:

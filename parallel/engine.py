@@ -96,8 +96,8 @@ class DeepSpeedEngine(Engine):
     def model(self) -> nn.Module:
         return self.ds.module
 
-    def _sum_over_dp(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+    def _sum_over_dp(self, values: list[float] | torch.Tensor) -> list[float]:
+        t = torch.as_tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, group=self.mesh.group("dp"))
         return t.tolist()
 
@@ -110,7 +110,7 @@ class DeepSpeedEngine(Engine):
             self.ds.set_train_batch_size(self.cfg.train.micro_batch_size * self.grad_accum * self.dp_size)
         total_tokens = self._sum_over_dp([sum(float(mb["loss_mask"].sum()) for mb in micro_batches)])[0]
         n_micro = len(micro_batches) * self.dp_size
-        lm_sum = aux = 0.0
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # LM loss sum, aux loss sum: no host sync
         last = len(micro_batches) - 1
         for i, mb in enumerate(micro_batches):
             # explicit boundary: lets us decide after the last backward whether to step at all
@@ -121,11 +121,10 @@ class DeepSpeedEngine(Engine):
             # accumulation ourselves (scale_wrt_gas=False) to weight by tokens rather than micro-batches.
             objective = (out.lm_loss_sum / max(total_tokens, 1.0) + aux_i / n_micro) * self.dp_size
             self.ds.backward(objective, scale_wrt_gas=False)
-            lm_sum += out.lm_loss_sum.item()
-            aux += aux_i.item()
+            sums += torch.stack([out.lm_loss_sum.detach(), aux_i.detach()]).double()
             if i < last:
                 self.ds.step()  # no update before the boundary, only DeepSpeed's bookkeeping
-        lm_sum, aux = self._sum_over_dp([lm_sum, aux])
+        lm_sum, aux = self._sum_over_dp(sums)
         lm_loss = lm_sum / max(total_tokens, 1.0)
         loss = lm_loss + aux / n_micro
         skipped = not math.isfinite(loss)  # the same decision on every rank
@@ -154,12 +153,11 @@ class DeepSpeedEngine(Engine):
     @torch.no_grad()
     def eval_step(self, micro_batches):
         self.ds.eval()
-        lm_sum = tokens = 0.0
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # LM loss sum, tokens
         for mb in micro_batches:
             out = self.ds(**move(mb, self.device))
-            lm_sum += out.lm_loss_sum.item()
-            tokens += float(out.num_tokens)
-        lm_sum, tokens = self._sum_over_dp([lm_sum, tokens])
+            sums += torch.stack([out.lm_loss_sum.double(), out.num_tokens.double()])
+        lm_sum, tokens = self._sum_over_dp(sums)
         return {"lm_loss_sum": lm_sum, "num_tokens": tokens}
 
     def state_dict(self):

@@ -255,13 +255,15 @@ class PipelineEngine(DataParallelEngine):
         last = any(s.last for s in self.stages)
         kwargs = {"target": target, "losses": losses} if last else {}
         (schedule.step if train else schedule.eval)(*args, **kwargs)
-        lm_sum = sum(float(x) for x in losses) * total if last else 0.0
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if last:
+            sums[0] = torch.stack([x.detach() for x in losses]).double().sum() * total
         # a new PipelineStage first runs one shape-inference forward (on placeholder inputs): skip its entry
-        n = len(micro_batches)
-        aux = sum(float(a) for stage in self.stages for a in stage.aux_losses[-n:])
-        sums = torch.tensor([lm_sum, aux], dtype=torch.float64, device=self.device)
+        aux = [a.detach() for stage in self.stages for a in stage.aux_losses[-len(micro_batches):]]
+        if aux:
+            sums[1] = torch.stack(aux).double().sum()
         dist.all_reduce(sums, group=self.mesh.group("pp"))  # LM loss from the last stage, aux from every stage
-        return sums[0].item(), sums[1].item()
+        return sums
 
     def _all_reduce_grads(self) -> None:
         for param, shape in self._shared:  # sum the copies' gradients (zeros from ranks without a copy)
