@@ -4,6 +4,8 @@
     pretrain eval --checkpoint runs/tiny/checkpoints --tasks kjv_cont --output results.json
 
 Under ``torchrun`` every rank scores its share of the requests (gloo on CPU, nccl on GPU); rank 0 writes.
+``--tp``/``--pp`` split a checkpoint's model over ranks instead of loading it whole on each
+(:mod:`evals.parallel_model`); the world size must be a multiple of tp x pp.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from evals.model import load_model
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="our checkpoint: a step directory or a checkpoint root (uses latest)")
-    src.add_argument("--hf", help="a Hugging Face causal-LM directory")
+    src.add_argument("--hf", help="a Hugging Face model directory (causal LM, or T5 / Switch encoder-decoder)")
     p.add_argument("--tokenizer", help="tokenizer for --checkpoint (default: the training config's data.tokenizer)")
     p.add_argument("--tasks", required=True, help="comma-separated task names or YAML paths")
     p.add_argument("--include", action="append", default=[], help="extra directory of task YAMLs (repeatable)")
@@ -31,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, help="context length (default: from the model config)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size for --checkpoint (under torchrun)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size for --checkpoint (GPT, under torchrun)")
     p.add_argument("--output", required=True, help="results JSON path (the markdown table goes next to it)")
     p.add_argument("--log-samples", action="store_true", help="also store per-item scores in the JSON")
 
@@ -40,13 +44,27 @@ def run(args: argparse.Namespace) -> int:
     shots = [int(k) for k in args.num_fewshot.split(",")]
     if any(k < 0 for k in shots):
         raise SystemExit(f"--num-fewshot: counts must be >= 0, got {args.num_fewshot}")
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if min(args.tp, args.pp) < 1 or world % (args.tp * args.pp):
+        raise SystemExit(f"--tp {args.tp} x --pp {args.pp} must divide the number of processes ({world})")
+    if args.tp * args.pp > 1 and not args.checkpoint:
+        raise SystemExit("--tp/--pp split our checkpoints; use them with --checkpoint")
+    distributed = world > 1
     if distributed and not torch.distributed.is_initialized():
+        if args.device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    model = load_model(args.checkpoint, args.hf, args.tokenizer, args.device, args.max_length)
+    group = None
+    if args.tp * args.pp > 1:
+        from evals.parallel_model import load_sharded_model
+
+        model, group = load_sharded_model(args.checkpoint, args.tp, args.pp, args.tokenizer, args.device,
+                                          args.max_length)
+    else:
+        model = load_model(args.checkpoint, args.hf, args.tokenizer, args.device, args.max_length)
     rank = torch.distributed.get_rank() if distributed else 0
     results = evaluate_tasks(model, [t for t in args.tasks.split(",") if t], shots, args.limit, args.batch_size,
-                             args.include, progress=rank == 0, log_samples=args.log_samples)
+                             args.include, progress=rank == 0, log_samples=args.log_samples, group=group)
     results["model"] = args.checkpoint or args.hf
     if rank == 0:
         print(markdown_table(results))

@@ -47,6 +47,34 @@ def rolling_windows(tokens: list[int], prefix_token: int, max_length: int) -> li
     return windows
 
 
+def move_trailing_space(context: str, continuation: str) -> tuple[str, str]:
+    """lm-eval: trailing whitespace of the context belongs to the continuation (word-boundary tokens)."""
+    n = len(context) - len(context.rstrip())
+    return (context[:-n], context[-n:] + continuation) if n else (context, continuation)
+
+
+def longest_extensions(seqs: list[tuple]) -> dict[tuple, tuple]:
+    """Each sequence -> the longest of ``seqs`` it is a prefix of (itself if none): a causal model scores
+    the shorter one as part of the longer one's forward pass."""
+    # In lexicographic order, a sequence that is a prefix of some other sequence is directly followed by a
+    # sequence starting with it; walking backwards assigns every sequence the longest one it is a prefix of.
+    lex = sorted(set(seqs))
+    owner: dict[tuple, tuple] = {}
+    for k in range(len(lex) - 1, -1, -1):
+        nxt = lex[k + 1] if k + 1 < len(lex) else None
+        owner[lex[k]] = owner[nxt] if nxt is not None and nxt[:len(lex[k])] == lex[k] else lex[k]
+    return owner
+
+
+def make_engine(model: EvalModel, **kwargs) -> "Engine":
+    """The scorer for ``model``: encoder-decoder models go through :class:`evals.seq2seq.Seq2SeqEngine`."""
+    if model.is_encoder_decoder:
+        from evals.seq2seq import Seq2SeqEngine
+
+        return Seq2SeqEngine(model, **kwargs)
+    return Engine(model, **kwargs)
+
+
 @dataclass
 class _Row:
     """One model input and the requests that read their scores from it."""
@@ -81,20 +109,20 @@ def _read(row: _Row, start: int, logits: torch.Tensor) -> dict[int, tuple[float,
 
 
 class Engine:
-    """Batched scorer over an :class:`EvalModel`. ``truncated`` counts left-truncated requests."""
+    """Batched scorer over an :class:`EvalModel`. ``truncated`` counts left-truncated requests.
 
-    def __init__(self, model: EvalModel, batch_size: int = 16, progress: bool = True):
+    Under ``torch.distributed`` the ranks of ``group`` (default: all) split the requests; ranks outside it with
+    the same group rank (e.g. the tensor-parallel peers of a data-parallel replica) score the same share."""
+
+    def __init__(self, model: EvalModel, batch_size: int = 16, progress: bool = True, group=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model, self.batch_size, self.progress = model, batch_size, progress
+        self.model, self.batch_size, self.progress, self.group = model, batch_size, progress, group
         self.truncated = 0
 
     # ---- tokenisation ---------------------------------------------------------------------------------------
     def encode_pairs(self, pairs: list[tuple[str, str]]) -> list[TokenPair]:
-        moved = []
-        for ctx, cont in pairs:
-            n = len(ctx) - len(ctx.rstrip())
-            moved.append((ctx[:-n], ctx[-n:] + cont) if n else (ctx, cont))
+        moved = [move_trailing_space(ctx, cont) for ctx, cont in pairs]
         texts = [c + t for c, t in moved] + [c for c, _ in moved if c]
         encoded = iter(self.model.encode_batch(texts))
         wholes = [next(encoded) for _ in moved]
@@ -103,11 +131,14 @@ class Engine:
             if ctx:
                 n_ctx = len(next(encoded))
                 out.append((whole[:n_ctx], whole[n_ctx:]))
-            else:  # lm-eval: the continuation alone, without special tokens, after the prefix token
-                cont_ids = self.model.encode_plain(cont)
-                out.append(([self.model.prefix_token_id], cont_ids) if cont_ids[:1] != [self.model.prefix_token_id]
-                           else (cont_ids[:1], cont_ids[1:]))
+            else:
+                out.append(self._empty_context_pair(cont))
         return out
+
+    def _empty_context_pair(self, cont: str) -> TokenPair:
+        """lm-eval: the continuation alone, without special tokens, after the prefix token."""
+        cont_ids, prefix = self.model.encode_plain(cont), self.model.prefix_token_id
+        return ([prefix], cont_ids) if cont_ids[:1] != [prefix] else (cont_ids[:1], cont_ids[1:])
 
     # ---- public request types -------------------------------------------------------------------------------
     def loglikelihood(self, pairs: list[tuple[str, str]], desc: str = "loglikelihood") -> list[tuple[float, bool]]:
@@ -132,21 +163,25 @@ class Engine:
         stops = list(until) + [self.model.decode([self.model.eot_token_id])]
         stops = [s for s in stops if s]
         unique = sorted(set(contexts), key=lambda c: -len(c))
-        keep = self.model.max_length - max_gen_toks
         mine = self._my_share(list(range(len(unique))))
         done: dict[int, str] = {}
         for j in tqdm(mine, desc=desc, disable=not self.progress, unit="req"):
-            ids = self.model.encode(unique[j])
-            if len(ids) > keep:
-                self.truncated += 1
-                ids = ids[-keep:]
-            text = self.model.decode(self.model.greedy_generate(ids, max_gen_toks, stops))
+            ids, max_new = self._generation_input(self.model.encode(unique[j]), max_gen_toks)
+            text = self.model.decode(self.model.greedy_generate(ids, max_new, stops))
             for s in stops:
                 text = text.split(s)[0]
             done[j] = text
         done = self._gather(done)
         by_ctx = {unique[j]: t for j, t in done.items()}
         return [by_ctx[c] for c in contexts]
+
+    def _generation_input(self, ids: list[int], max_gen_toks: int) -> tuple[list[int], int]:
+        """(prompt, tokens to generate): lm-eval keeps the last ``max_length - max_gen_toks`` prompt tokens."""
+        keep = self.model.max_length - max_gen_toks
+        if len(ids) > keep:
+            self.truncated += 1
+            ids = ids[-keep:]
+        return ids, max_gen_toks
 
     # ---- core -----------------------------------------------------------------------------------------------
     def loglikelihood_tokens(self, requests: list[TokenPair], desc: str = "loglikelihood") -> list[tuple[float, bool]]:
@@ -186,13 +221,7 @@ class Engine:
             self.truncated += truncated
             inputs.append(tuple((ctx + cont)[-(L + 1):][:-1]))
             shared.append(0 if truncated else len(ctx))
-        # In lexicographic order, an input that is a prefix of some other input is directly followed by an
-        # input starting with it; walking backwards assigns every input the longest one it is a prefix of.
-        lex = sorted(set(inputs))
-        owner: dict[tuple, tuple] = {}
-        for k in range(len(lex) - 1, -1, -1):
-            nxt = lex[k + 1] if k + 1 < len(lex) else None
-            owner[lex[k]] = owner[nxt] if nxt is not None and nxt[:len(lex[k])] == lex[k] else lex[k]
+        owner = longest_extensions(inputs)
         rows: dict[tuple, _Row] = {}
         for i, inp in enumerate(inputs):
             key = owner[inp]
@@ -239,10 +268,9 @@ class Engine:
         return [(r, r.shared - 1, torch.cat([last[g], lg])) for r, g, lg in zip(batch, owner, rest_logits)]
 
     # ---- data parallel --------------------------------------------------------------------------------------
-    @staticmethod
-    def _world() -> tuple[int, int]:
+    def _world(self) -> tuple[int, int]:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+            return torch.distributed.get_rank(self.group), torch.distributed.get_world_size(self.group)
         return 0, 1
 
     def _my_share(self, items: list[int]) -> list[int]:
@@ -254,5 +282,5 @@ class Engine:
         if world == 1:
             return part
         parts: list[dict] = [None] * world  # type: ignore[list-item]
-        torch.distributed.all_gather_object(parts, part)
+        torch.distributed.all_gather_object(parts, part, group=self.group)
         return {k: v for p in parts for k, v in p.items()}

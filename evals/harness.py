@@ -12,7 +12,7 @@ import string
 import time
 from pathlib import Path
 
-from evals.engine import Engine
+from evals.engine import Engine, make_engine
 from evals.metrics import aggregate
 from evals.model import EvalModel
 from evals.tasks import Task, TaskError, load_task
@@ -23,12 +23,13 @@ log = logging.getLogger(__name__)
 def evaluate_tasks(model: EvalModel, tasks: list[str | Task], num_fewshot: int | list[int] = 0,
                    limit: int | None = None, batch_size: int = 16, include: list[str | Path] = (),
                    cache_dir: str | Path | None = None, progress: bool = True,
-                   log_samples: bool = False) -> dict:
-    """Evaluate every task at every few-shot count. Returns ``{"results": [row, ...], "truncated": n, ...}``
+                   log_samples: bool = False, group=None) -> dict:
+    """Evaluate every task at every few-shot count (requests split over the ranks of ``group``, see
+    :class:`~evals.engine.Engine`). Returns ``{"results": [row, ...], "truncated": n, ...}``
     where a row is ``{"task", "num_fewshot", "n", "metrics", "stderr", "truncated"[, "samples"]}``."""
     shots = [num_fewshot] if isinstance(num_fewshot, int) else list(num_fewshot)
     loaded = [t if isinstance(t, Task) else load_task(t, include, limit, cache_dir) for t in tasks]
-    engine = Engine(model, batch_size=batch_size, progress=progress)
+    engine = make_engine(model, batch_size=batch_size, progress=progress, group=group)
     rows, start = [], time.perf_counter()
     for task in loaded:
         docs = task.docs[:limit] if limit else task.docs

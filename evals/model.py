@@ -21,13 +21,17 @@ MIN_HEAD_ROWS = 4
 
 class EvalModel:
     """What the scoring engine needs from a model: tokenizer calls, ``logits`` and ``greedy_generate``;
-    ``shared_context_logits`` only where ``supports_shared_context``."""
+    ``shared_context_logits`` only where ``supports_shared_context``. Encoder-decoder models
+    (``is_encoder_decoder``) provide ``seq2seq_logits`` instead of ``logits`` and are scored by
+    :mod:`evals.seq2seq` (the context is the encoder input, the continuation the decoder's target)."""
 
-    max_length: int          # tokens the model attends over
+    max_length: int          # tokens the model attends over (encoder-decoder: per encoder input and target)
     prefix_token_id: int     # conditions the first token of an empty context / rolling window
     eot_token_id: int        # end-of-text, stops generation
     device: torch.device = torch.device("cpu")
     supports_shared_context: bool = False
+    is_encoder_decoder: bool = False
+    decoder_start_token_id: int | None = None  # first decoder input of an encoder-decoder model
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -49,8 +53,17 @@ class EvalModel:
         ``supports_shared_context``; it saves recomputing a multiple-choice context once per choice."""
         raise NotImplementedError
 
+    def seq2seq_logits(self, encoder_ids: torch.Tensor, encoder_lens: list[int], decoder_ids: torch.Tensor,
+                       owner: list[int], decoder_lens: list[int]) -> list[torch.Tensor]:
+        """Encoder-decoder models: run each right-padded encoder input ``[g, we]`` (``encoder_lens[g]`` real
+        tokens, padding masked) once, then each right-padded decoder input ``[r, wd]`` (starting with
+        ``decoder_start_token_id``) on the output of encoder input ``owner[r]``. Returns the logits
+        ``[decoder_lens[r], vocab]`` of every decoder row's real positions."""
+        raise NotImplementedError
+
     def greedy_generate(self, ids: list[int], max_new_tokens: int, stop: list[str]) -> list[int]:
-        """Greedy continuation of ``ids``; may stop early once the decoded text contains a stop string."""
+        """Greedy continuation of ``ids``; may stop early once the decoded text contains a stop string.
+        Encoder-decoder models: ``ids`` is the encoder input, the result the decoder's tokens after the start."""
         raise NotImplementedError
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -63,6 +76,8 @@ class EvalModel:
 
 class HFModel(EvalModel):
     """Any ``transformers`` causal LM plus its tokenizer."""
+
+    auto_class = "AutoModelForCausalLM"
 
     def __init__(self, model, tokenizer, max_length: int | None = None, device: str | torch.device = "cpu"):
         self.model = model.eval().to(device)
@@ -80,11 +95,12 @@ class HFModel(EvalModel):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, **kw) -> "HFModel":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import transformers
+        from transformers import AutoTokenizer
 
         if not Path(path, "config.json").is_file():
             raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model = getattr(transformers, cls.auto_class).from_pretrained(str(path), dtype=dtype)
         return cls(model, AutoTokenizer.from_pretrained(str(path)), **kw)
 
     def _special(self, text: str) -> dict:
@@ -151,6 +167,42 @@ class HFModel(EvalModel):
         return new
 
 
+class HFSeq2SeqModel(HFModel):
+    """A ``transformers`` encoder-decoder LM (T5, Switch Transformers) plus its tokenizer, scored by
+    :mod:`evals.seq2seq`; generation decodes on the model's KV cache, the encoder runs once."""
+
+    auto_class = "AutoModelForSeq2SeqLM"
+    is_encoder_decoder = True
+    supports_shared_context = False
+
+    def __init__(self, model, tokenizer, max_length: int | None = None, device: str | torch.device = "cpu"):
+        super().__init__(model, tokenizer, max_length, device)
+        self.decoder_start_token_id = model.config.decoder_start_token_id
+
+    @torch.inference_mode()
+    def seq2seq_logits(self, encoder_ids, encoder_lens, decoder_ids, owner, decoder_lens):
+        mask = (torch.arange(encoder_ids.shape[1])[None] < torch.tensor(encoder_lens)[:, None]).long().to(self.device)
+        enc = self.model.get_encoder()(input_ids=encoder_ids.to(self.device), attention_mask=mask)
+        rows = torch.tensor(owner, device=self.device)
+        enc["last_hidden_state"] = enc.last_hidden_state[rows]  # keeps the model's own output type (Switch's)
+        logits = self.model(encoder_outputs=enc, attention_mask=mask[rows], use_cache=False,
+                            decoder_input_ids=decoder_ids.to(self.device)).logits
+        return [logits[r, :n] for r, n in enumerate(decoder_lens)]
+
+    @torch.inference_mode()
+    def greedy_generate(self, ids: list[int], max_new_tokens: int, stop: list[str]) -> list[int]:
+        enc = self.model.get_encoder()(input_ids=torch.tensor([ids], device=self.device))
+        step, cache, new = torch.tensor([[self.decoder_start_token_id]], device=self.device), None, []
+        for _ in range(max_new_tokens):
+            out = self.model(encoder_outputs=enc, decoder_input_ids=step, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            new.append(token)
+            if token == self.eot_token_id or (stop and any(s in self.decode(new) for s in stop)):
+                break
+            step = torch.tensor([[token]], device=self.device)
+        return new
+
+
 def head_on_rows(head, h: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
     """``head`` applied to positions ``spans[b]`` of each row of ``h`` ``[batch, seq, dim]`` in one matmul
     (reading the vocab-sized weight once per batch). CPU GEMM kernels take another path below
@@ -176,11 +228,14 @@ def _config_max_length(config, tokenizer) -> int:
 
 def load_model(checkpoint: str | None = None, hf: str | None = None, tokenizer: str | None = None,
                device: str = "cpu", max_length: int | None = None) -> EvalModel:
-    """Exactly one of ``checkpoint`` (ours) or ``hf`` (a Hugging Face model directory)."""
+    """Exactly one of ``checkpoint`` (ours) or ``hf`` (a Hugging Face causal or encoder-decoder LM directory)."""
     if bool(checkpoint) == bool(hf):
         raise ValueError("give exactly one of checkpoint=... or hf=...")
     if hf:
-        return HFModel.from_pretrained(hf, device=device, max_length=max_length)
+        from transformers import AutoConfig
+
+        seq2seq = Path(hf, "config.json").is_file() and AutoConfig.from_pretrained(hf).is_encoder_decoder
+        return (HFSeq2SeqModel if seq2seq else HFModel).from_pretrained(hf, device=device, max_length=max_length)
     from evals.pretrain_model import load_checkpoint_model
 
     return load_checkpoint_model(checkpoint, tokenizer, device=device, max_length=max_length)

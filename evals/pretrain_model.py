@@ -1,4 +1,5 @@
-"""Our own GPT models (live during training, or loaded from a checkpoint) behind :class:`EvalModel`.
+"""Our own models (GPT and T5 / Switch-T5, live during training or loaded from a checkpoint) behind
+:class:`EvalModel`.
 
 Tokens are encoded without special tokens, as in training, and the prefix token is BOS (EOS when the
 tokenizer has none): the same convention lm-eval's ``hf`` backend applies to the exported HF model, whose
@@ -6,26 +7,39 @@ tokenizer adds no BOS either, so both give the same numbers. An imported HF mode
 (recorded at import: SmolLM2's BOS is ``<|im_start|>``, which no spelling-based guess would find).
 Logits come from ``model.hidden`` + ``model.head`` on the scored positions only; under tensor parallelism
 ``gather_logits`` assembles the full vocabulary.
+
+A T5 (``encode``/``decode``) is an encoder-decoder model for :mod:`evals.seq2seq`: the encoder runs once per
+distinct context, the decoder on the continuations; generation recomputes the decoder per step (our T5 has
+no KV cache; the encoder output is reused). T5's relative positions have no length limit, so ``max_length``
+defaults to lm-eval's 2048, what lm-eval resolves for the exported model (no ``n_positions``). Switch layers
+score *dropless* (capacity = all tokens, as the exported HF model's capacity bound): a token's score then does
+not depend on the other tokens of its batch, padding included.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from evals.model import EvalModel, head_on_rows
+from evals.model import DEFAULT_MAX_LENGTH, EvalModel, head_on_rows
 
 
 class PretrainModel(EvalModel):
     def __init__(self, model: torch.nn.Module, tokenizer, max_length: int | None = None,
                  bos_id: int | None = None, eos_id: int | None = None):
-        if not hasattr(model, "hidden") or not hasattr(model, "head"):
-            raise TypeError(f"{type(model).__name__} is not a decoder-only model (needs hidden() and head); "
-                            "encoder-decoder models are not supported by the scoring engine yet")
+        self.is_encoder_decoder = hasattr(model, "encode") and hasattr(model, "decode")
+        if not self.is_encoder_decoder and not (hasattr(model, "hidden") and hasattr(model, "head")):
+            raise TypeError(f"{type(model).__name__} is neither a decoder-only model (hidden() and head) nor an "
+                            "encoder-decoder model (encode() and decode())")
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
-        self.max_length = max_length or model.cfg.max_seq_len
+        self.max_length = max_length or getattr(model.cfg, "max_seq_len", None) or DEFAULT_MAX_LENGTH
+        if self.is_encoder_decoder:
+            self.decoder_start_token_id = model.cfg.decoder_start_token_id
         bos = bos_id if bos_id is not None else tokenizer.bos_id
         eos = eos_id if eos_id is not None else tokenizer.eos_id
         self.prefix_token_id = bos if bos is not None else eos
@@ -42,29 +56,66 @@ class PretrainModel(EvalModel):
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i not in (self.prefix_token_id, self.eot_token_id)])
 
+    @contextmanager
+    def _scoring(self) -> Iterator[None]:
+        """Eval mode, Switch layers dropless; the model's previous mode and capacity are restored after."""
+        was_training, moe = self.model.training, self.model.cfg.moe
+        factor = moe.capacity_factor_eval
+        self.model.eval()
+        if moe.enabled:
+            moe.capacity_factor_eval = float(moe.num_experts)  # capacity = every token of the batch
+        try:
+            yield
+        finally:
+            moe.capacity_factor_eval = factor
+            self.model.train(was_training)
+
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
-        was_training = self.model.training
-        self.model.eval()
-        h, _ = self.model.hidden(input_ids.to(self.device))
-        out = [self.model.layers.gather_logits(x) for x in head_on_rows(self.model.head, h, spans)]
-        self.model.train(was_training)
-        return out
+        with self._scoring():
+            h, _ = self.model.hidden(input_ids.to(self.device))
+            return [self.model.layers.gather_logits(x) for x in head_on_rows(self.model.head, h, spans)]
+
+    @torch.inference_mode()
+    def seq2seq_logits(self, encoder_ids, encoder_lens, decoder_ids, owner, decoder_lens):
+        with self._scoring():
+            lens = torch.tensor(encoder_lens, device=self.device)
+            mask = torch.arange(encoder_ids.shape[1], device=self.device)[None] < lens[:, None]
+            enc = self.model.encode(encoder_ids.to(self.device), mask)
+            rows = torch.tensor(owner, device=self.device)
+            h = self.model.decode(decoder_ids.to(self.device), enc[rows], mask[rows])
+            spans = [(0, n) for n in decoder_lens]
+            return [self.model.layers.gather_logits(x) for x in head_on_rows(self.model.head, h, spans)]
 
     @torch.inference_mode()
     def greedy_generate(self, ids: list[int], max_new_tokens: int, stop: list[str]) -> list[int]:
-        was_training = self.model.training
-        self.model.eval()
-        cache = self.model.new_cache(1, len(ids) + max_new_tokens)
-        step, new = torch.tensor([ids], device=self.device), []
-        for _ in range(max_new_tokens):
-            token = int(self.model.logits(step, cache=cache)[0, -1].argmax())
-            new.append(token)
-            if token == self.eot_token_id or (stop and any(s in self.decode(new) for s in stop)):
-                break
-            step = torch.tensor([[token]], device=self.device)
-        self.model.train(was_training)
+        new: list[int] = []
+        with self._scoring():
+            steps = self._decoder_steps(ids) if self.is_encoder_decoder else self._cached_steps(ids, max_new_tokens)
+            for token in itertools.islice(steps, max_new_tokens):
+                new.append(token)
+                if token == self.eot_token_id or (stop and any(s in self.decode(new) for s in stop)):
+                    break
         return new
+
+    def _cached_steps(self, ids: list[int], max_new_tokens: int) -> Iterator[int]:
+        """GPT: greedy tokens, each step running only the newest token on the KV cache."""
+        cache = self.model.new_cache(1, len(ids) + max_new_tokens)
+        step = torch.tensor([ids], device=self.device)
+        while True:
+            token = int(self.model.logits(step, cache=cache)[0, -1].argmax())
+            yield token
+            step = torch.tensor([[token]], device=self.device)
+
+    def _decoder_steps(self, ids: list[int]) -> Iterator[int]:
+        """T5: greedy decoder tokens after the start token; the encoder runs once."""
+        enc = self.model.encode(torch.tensor([ids], device=self.device))
+        out = [self.decoder_start_token_id]
+        while True:
+            h = self.model.decode(torch.tensor([out], device=self.device), enc)[:, -1:]
+            token = int(self.model.layers.gather_logits(self.model.head(h))[0, -1].argmax())
+            yield token
+            out.append(token)
 
 
 def load_checkpoint_model(path: str | Path, tokenizer: str | Path | None = None,
@@ -72,7 +123,6 @@ def load_checkpoint_model(path: str | Path, tokenizer: str | Path | None = None,
     """A checkpoint (``DIR/step_N`` or a root with ``latest``, saved under any layout) as an EvalModel.
     The tokenizer defaults to the one the training config names (``data.tokenizer``); BOS/EOS ids recorded by
     ``pretrain import`` (``hf_token_ids``) override the tokenizer's guesses."""
-    from data.tokenizer import load_tokenizer
     from pretrain.hf.export import load_model_state
     from pretrain.models import build_model
 
@@ -80,9 +130,17 @@ def load_checkpoint_model(path: str | Path, tokenizer: str | Path | None = None,
     model_cfg = dict(meta["config"]["model"])
     model = build_model(model_cfg.pop("family"), model_cfg)
     model.load_state_dict(state)
+    tok, bos, eos = checkpoint_tokenizer(meta, step_dir, tokenizer)
+    return PretrainModel(model.to(device).eval(), tok, max_length, bos, eos)
+
+
+def checkpoint_tokenizer(meta: dict, step_dir: Path, tokenizer: str | Path | None = None) -> tuple:
+    """``(tokenizer, BOS id or None, EOS id or None)`` for a checkpoint: ``tokenizer``, else the training
+    config's ``data.tokenizer``; ids recorded by ``pretrain import`` override the tokenizer's guesses."""
+    from data.tokenizer import load_tokenizer
+
     tok_path = tokenizer or meta["config"].get("data", {}).get("tokenizer")
     if not tok_path:
         raise ValueError(f"{step_dir}: the training config names no data.tokenizer; pass --tokenizer")
     hf_ids = meta.get("hf_token_ids") or {}
-    return PretrainModel(model.to(device).eval(), load_tokenizer(tok_path), max_length,
-                         hf_ids.get("bos_token_id"), hf_ids.get("eos_token_id"))
+    return load_tokenizer(tok_path), hf_ids.get("bos_token_id"), hf_ids.get("eos_token_id")

@@ -178,7 +178,7 @@ class T5Stage(_Stage):
         return self._with_aux(self.head(h), aux)
 
 
-def _split_model(model: nn.Module, stage_ids: list[int], num_stages: int) -> list[_Stage]:
+def split_model(model: nn.Module, stage_ids: list[int], num_stages: int) -> list[_Stage]:
     """This rank's stages; blocks (and GPT embeddings / head) owned by other ranks are dropped."""
     t5 = hasattr(model, "encoder")
     blocks = [*model.encoder.blocks, *model.decoder.blocks] if t5 else list(model.blocks)
@@ -207,10 +207,10 @@ class PipelineEngine(DataParallelEngine):
     def __init__(self, cfg: Config, model: nn.Module, mesh: Mesh, device: torch.device):
         pp, vpp = mesh.layout.pp, cfg.parallel.vpp
         self.stage_ids = [mesh.pp_rank + k * pp for k in range(vpp)]
-        self.stages = _split_model(model, self.stage_ids, pp * vpp)
+        self.stages = split_model(model, self.stage_ids, pp * vpp)
         self.factory = model.layers
         self._token_scale = 1.0
-        super().__init__(cfg, _StageList(self.stages), mesh, device)
+        super().__init__(cfg, StageList(self.stages), mesh, device)
         self._shared = self._find_shared()
 
     def _find_shared(self) -> list[tuple[nn.Parameter | None, torch.Size]]:
@@ -273,7 +273,7 @@ class PipelineEngine(DataParallelEngine):
         super()._all_reduce_grads()
 
 
-class _StageList(nn.ModuleList):
+class StageList(nn.ModuleList):
     """This rank's stages; state dict keys and parameter names are the full model's."""
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
