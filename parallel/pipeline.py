@@ -73,6 +73,11 @@ class _Stage(nn.Module):
         self.seq_shards = model.layers.tp_size if getattr(model.layers, "sp", False) else 1
         self.aux_scale, self.aux_losses = 0.0, []
 
+    @property
+    def whole_model(self) -> nn.Module:
+        """The model this stage was cut from (its other ranks' blocks replaced by ``nn.Identity``)."""
+        return self._model[0]
+
     def _with_aux(self, h: torch.Tensor, moe_aux: dict) -> torch.Tensor:
         if not moe_aux:
             return h

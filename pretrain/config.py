@@ -343,11 +343,12 @@ def _validate_eval_tasks(cfg: Config, need) -> None:
     need(t.eval_tasks_limit is None or t.eval_tasks_limit > 0, "train.eval_tasks_limit must be > 0 or null")
     need(t.eval_tasks_fewshot >= 0, "train.eval_tasks_fewshot must be >= 0")
     need(bool(cfg.data.tokenizer), "train.eval_tasks needs data.tokenizer (the tasks' text is encoded with it)")
-    # ranks score different requests, so every forward must be local to a data-parallel replica
-    need(p.pp == 1 and p.ep == 1 and p.zero < 3,
-         f"train.eval_tasks scores the live model, which needs parallel.pp=1, ep=1 and zero<3 (got pp={p.pp}, "
-         f"ep={p.ep}, zero={p.zero}); drop train.eval_tasks and run `pretrain eval --checkpoint` on the saved "
-         "checkpoints instead (any layout)")
+    # data-parallel replicas score different requests, so no collective may span replicas
+    pipeline_ok = p.pp == 1 or (cfg.family == "gpt" and p.vpp == 1)
+    need(pipeline_ok and p.ep == 1 and p.zero < 3,
+         f"train.eval_tasks scores the live model, which needs parallel.ep=1, zero<3 and, with pp>1, a GPT "
+         f"without interleaving (got family={cfg.family}, pp={p.pp}, vpp={p.vpp}, ep={p.ep}, zero={p.zero}); "
+         "drop train.eval_tasks and run `pretrain eval --checkpoint` on the saved checkpoints instead")
     from evals.tasks import TaskError, task_path
 
     for name in t.eval_tasks:

@@ -172,7 +172,14 @@ class Trainer:
         if self._eval_model is None:
             from data.tokenizer import load_tokenizer
 
-            self._eval_model = PretrainModel(self.engine.model, load_tokenizer(self.cfg.data.tokenizer))
+            tokenizer = load_tokenizer(self.cfg.data.tokenizer)
+            stages = getattr(self.engine, "stages", None)
+            if stages:  # pipeline parallel: this rank's stage, hidden states passed rank to rank
+                from evals.parallel_model import PipelineModel
+
+                self._eval_model = PipelineModel(stages[0].whole_model, stages[0], self.engine.mesh, tokenizer)
+            else:
+                self._eval_model = PretrainModel(self.engine.model, tokenizer)
         devices = [self.engine.device] if self.engine.device.type == "cuda" else []
         start = time.perf_counter()
         with torch.random.fork_rng(devices=devices):  # leave the training RNG stream untouched (exact resume)

@@ -141,14 +141,17 @@ def test_watchdog_names_rank_phase_and_step_of_a_hung_collective():
 
 # --- local launcher -----------------------------------------------------------------------------------------
 @pytest.mark.dist
-def test_launch_local_runs_two_ranks(tiny_shard_prefix, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("layout", ["parallel.pp=1", "parallel.pp=2"], ids=["dp2", "pp2"])
+def test_launch_local_runs_two_ranks(layout, tiny_shard_prefix, tiny_tokenizer, tmp_path):
+    """Two ranks under torchrun: train, and score a task on the live model at the last step (two data-parallel
+    replicas split the requests, or two pipeline stages pass hidden states)."""
     ckpt = tmp_path / "ckpt"
     cmd = [sys.executable, "-m", "pretrain.cli", "launch", "local", "--nproc", "2", "--", "train",
            "configs/gpt_tiny.yaml", f"data.train=[{tiny_shard_prefix}]", f"data.tokenizer={tiny_tokenizer.path}",
-           "model.vocab_size=1000", "model.num_layers=1", "model.hidden_size=32", "data.seq_length=32",
+           "model.vocab_size=1000", "model.num_layers=2", "model.hidden_size=32", "data.seq_length=32",
            "train.steps=2", "train.global_batch_size=4", "train.micro_batch_size=2", "train.eval_interval=2",
            "train.eval_steps=1", "train.eval_tasks=kjv_cont", "train.eval_tasks_limit=10",
-           f"checkpoint.dir={ckpt}", "logging.interval=1", "logging.tensorboard=false"]
+           f"checkpoint.dir={ckpt}", "logging.interval=1", "logging.tensorboard=false", layout]
     ensure_local_eval_data()
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -156,7 +159,7 @@ def test_launch_local_runs_two_ranks(tiny_shard_prefix, tiny_tokenizer, tmp_path
     assert "rank 0/2" in out.stderr and "torch.distributed.run" in out.stderr
     records = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
-    # the two ranks split the task's requests; together they score what one process scores on the checkpoint
+    # what one process scores on the saved checkpoint
     during = next(r for r in records if "eval/kjv_cont/0shot/acc" in r)
     model = load_checkpoint_model(ckpt)
     assert scalar_metrics(evaluate_tasks(model, ["kjv_cont"], 0, 10, progress=False)) == \

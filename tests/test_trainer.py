@@ -218,7 +218,8 @@ def test_bf16_autocast_smoke(tmp_path, tiny_shard_prefix, tiny_tokenizer):
     assert first["bf16"] != first["fp32"] and abs(first["bf16"] - first["fp32"]) < 0.05
 
 
-def test_task_evaluation_during_training_matches_pretrain_eval(tmp_path, tiny_shard_prefix, tiny_tokenizer):
+@pytest.mark.parametrize("name", ["switch_gpt_tiny.yaml", "t5_tiny.yaml"])
+def test_task_evaluation_during_training_matches_pretrain_eval(name, tmp_path, tiny_shard_prefix, tiny_tokenizer):
     """train.eval_tasks scores the live model every eval_interval; the final scores equal evaluating the saved
     checkpoint afterwards, and the evaluation leaves the training run (losses, RNG) unchanged."""
     from evals.harness import evaluate_tasks, scalar_metrics
@@ -229,7 +230,7 @@ def test_task_evaluation_during_training_matches_pretrain_eval(tmp_path, tiny_sh
     common = ("train.steps=6", "train.global_batch_size=4", "train.micro_batch_size=2", "train.eval_interval=3",
               "train.eval_steps=1", "model.moe.jitter=0.1")
     torch.manual_seed(0)
-    cfg = make_cfg("switch_gpt_tiny.yaml", tmp_path, tiny_shard_prefix, tiny_tokenizer, *common,
+    cfg = make_cfg(name, tmp_path, tiny_shard_prefix, tiny_tokenizer, *common,
                    "train.eval_tasks=kjv_cont,kjv_lastword", "train.eval_tasks_limit=8")
     assert cfg.train.eval_tasks == ["kjv_cont", "kjv_lastword"]
     assert run(cfg)[1] == EXIT_OK
@@ -241,7 +242,7 @@ def test_task_evaluation_during_training_matches_pretrain_eval(tmp_path, tiny_sh
     after = scalar_metrics(evaluate_tasks(model, ["kjv_cont", "kjv_lastword"], 0, 8, progress=False))
     assert after == {k: v for k, v in evals[-1].items() if k != "step"}
 
-    plain = make_cfg("switch_gpt_tiny.yaml", tmp_path / "plain", tiny_shard_prefix, tiny_tokenizer, *common)
+    plain = make_cfg(name, tmp_path / "plain", tiny_shard_prefix, tiny_tokenizer, *common)
     torch.manual_seed(0)
     assert run(plain)[1] == EXIT_OK
     losses = [[r["loss"] for r in metrics(c) if "loss" in r] for c in (cfg, plain)]
@@ -257,6 +258,6 @@ def test_eval_tasks_are_validated_before_training(tmp_path, tiny_shard_prefix, t
     with pytest.raises(ConfigError, match="set train.eval_interval > 0"):
         make_cfg("gpt_tiny.yaml", tmp_path, tiny_shard_prefix, tiny_tokenizer, "train.eval_interval=0",
                  "train.eval_tasks=kjv_cont")
-    with pytest.raises(ConfigError, match="needs parallel.pp=1"):
+    with pytest.raises(ConfigError, match="needs parallel.ep=1, zero<3"):
         make_cfg("gpt_tiny.yaml", tmp_path, tiny_shard_prefix, tiny_tokenizer, "train.eval_interval=5",
-                 "train.eval_tasks=kjv_cont", "parallel.pp=2")
+                 "train.eval_tasks=kjv_cont", "parallel.zero=3")
