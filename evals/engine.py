@@ -10,10 +10,11 @@ Conventions are lm-evaluation-harness's (``hf`` backend), so the numbers are the
 
 Where it differs is speed: requests whose model input is a prefix of another request's input (MMLU-style
 one-token answers, repeated contexts) share one forward pass; continuations of the same context (multiple
-choice) run on one KV cache of that context when the model supports it; the output layer runs only on scored
-positions; tokenisation is one batched call. An input is right-padded to a width fixed by its own length and
-batched only with inputs of that width, so a request's numbers do not depend on the batch size or on the other
-requests (bit-identical on CPU; lm-eval's depend on its batch padding, lm-eval#1645). With
+choice) are packed into one input after a single copy of the context, each attending to the context and to
+itself only (a tree mask), when the model supports it; the output layer runs only on scored positions;
+tokenisation is one batched call. An input is right-padded to a width fixed by its own length and batched only
+with inputs of that width, so a request's numbers do not depend on the batch size (bit-identical on CPU;
+lm-eval's depend on its batch padding, lm-eval#1645). With
 ``torch.distributed`` initialised, ranks split the batches and exchange results.
 """
 
@@ -83,6 +84,29 @@ class _Row:
     shared: int = 0  # leading context tokens other rows may share (0: none, e.g. after truncation)
 
 
+@dataclass
+class _Pack:
+    """Rows with the same context as one model input: the context once, then each row's remaining tokens
+    (segment k), which see the context and their own segment only, at the positions of their own row."""
+    rows: list[_Row]
+
+    def __post_init__(self) -> None:
+        n = self.rows[0].shared
+        self.input_ids, self.position_ids, self.segment_ids = self.rows[0].input_ids[:n], list(range(n)), [0] * n
+        self.offsets = []  # where each row's own tokens start in the pack
+        for k, row in enumerate(self.rows, 1):
+            rest = row.input_ids[n:]
+            self.offsets.append(len(self.input_ids))
+            self.input_ids += rest
+            self.position_ids += range(n, n + len(rest))
+            self.segment_ids += [k] * len(rest)
+
+    def positions(self, k: int, start: int) -> list[int]:
+        """Pack positions of row ``k``'s positions ``start..`` (the first may be in the shared context)."""
+        n, row = self.rows[k].shared, self.rows[k]
+        return [p if p < n else self.offsets[k] + p - n for p in range(start, len(row.input_ids))]
+
+
 def _bucket(n: int, max_length: int) -> int:
     """Padded width of an ``n``-token input; depends on ``n`` only. Steps grow with ``n`` (4 up to 64 tokens,
     then about n/8) so padding wastes at most ~12% while batches still fill up."""
@@ -95,6 +119,11 @@ def _pad(seqs: list[list[int]], width: int, pad_id: int) -> torch.Tensor:
     for b, seq in enumerate(seqs):
         ids[b, :len(seq)] = torch.tensor(seq, dtype=torch.long)
     return ids
+
+
+def _first_scored(row: _Row) -> int:
+    """The first input position whose logits a reader of ``row`` needs."""
+    return min(end - len(cont) for _, end, cont in row.readers)
 
 
 def _read(row: _Row, start: int, logits: torch.Tensor) -> dict[int, tuple[float, bool]]:
@@ -185,25 +214,25 @@ class Engine:
 
     # ---- core -----------------------------------------------------------------------------------------------
     def loglikelihood_tokens(self, requests: list[TokenPair], desc: str = "loglikelihood") -> list[tuple[float, bool]]:
-        rows = self._plan(requests)
-        self._mark_shared(rows)
-        # Rows are right-padded to widths fixed by their own lengths, and a batch only holds rows of the same
-        # widths: each row is computed with the same shapes and values whatever the batch size or the other
-        # requests (the batch dimension itself does not change the numbers). Rows sharing a context run it
-        # once per batch, then their own tokens on its KV cache.
-        rows.sort(key=lambda r: (self._key(r), r.input_ids[:r.shared], -len(r.input_ids), r.input_ids))
-        batches: list[list[_Row]] = []
-        for row in rows:
-            if not batches or len(batches[-1]) == self.batch_size or self._key(batches[-1][0]) != self._key(row):
+        # Inputs are right-padded to widths fixed by their own lengths, and a batch only holds inputs of the same
+        # kind and width: each is computed with the same shapes and values whatever the batch size (the batch
+        # dimension itself does not change the numbers).
+        units = self._pack(self._plan(requests))
+        units.sort(key=lambda u: (self._key(u), u.input_ids))
+        batches: list[list[_Row | _Pack]] = []
+        for unit in units:
+            if not batches or len(batches[-1]) == self.batch_size or self._key(batches[-1][0]) != self._key(unit):
                 batches.append([])
-            batches[-1].append(row)
+            batches[-1].append(unit)
         mine = [batches[b] for b in self._my_share(list(range(len(batches))))]
+        readers = lambda u: sum(len(r.readers) for r in (u.rows if isinstance(u, _Pack) else [u]))  # noqa: E731
         results: dict[int, tuple[float, bool]] = {}
-        bar = tqdm(total=sum(len(r.readers) for b in mine for r in b), desc=desc, disable=not self.progress, unit="req")
+        bar = tqdm(total=sum(readers(u) for b in mine for u in b), desc=desc, disable=not self.progress, unit="req")
         for batch in mine:
-            for row, start, logits in (self._score_shared(batch) if batch[0].shared else self._score_rows(batch)):
+            for row, start, logits in (self._score_packs(batch) if isinstance(batch[0], _Pack)
+                                       else self._score_rows(batch)):
                 results.update(_read(row, start, logits))
-            bar.update(sum(len(r.readers) for r in batch))
+            bar.update(sum(readers(u) for u in batch))
         bar.close()
         results = self._gather(results)
         return [results[i] for i in range(len(requests))]
@@ -230,42 +259,48 @@ class Engine:
             row.shared = min(row.shared, shared[i])
         return list(rows.values())
 
-    def _mark_shared(self, rows: list[_Row]) -> None:
-        """Keep ``shared`` only where the model can reuse a context, another row has the same context, and the
-        context is at least twice as long as the longest continuation (else two passes cost more than they
-        save: measured on the KJV continuation task, whose contexts are as short as its endings)."""
+    def _pack(self, rows: list[_Row]) -> list[_Row | _Pack]:
+        """Rows sharing a context become packs (of at most ``max_length`` tokens each) when the model can
+        score packs; every other row stays as it is."""
+        if not self.model.supports_packing:
+            return list(rows)
         groups: dict[tuple, list[_Row]] = {}
+        out: list[_Row | _Pack] = []
         for row in rows:
             if row.shared:
                 groups.setdefault(tuple(row.input_ids[:row.shared]), []).append(row)
-        for key, group in groups.items():
-            longest_rest = max(len(r.input_ids) - len(key) for r in group)
-            if not self.model.supports_shared_context or len(group) < 2 or len(key) < 2 * longest_rest:
-                for row in group:
-                    row.shared = 0
+            else:
+                out.append(row)
+        for context, group in groups.items():
+            chunks, size = [[]], len(context)
+            for row in sorted(group, key=lambda r: r.input_ids):
+                rest = len(row.input_ids) - len(context)
+                if chunks[-1] and size + rest > self.model.max_length:
+                    chunks.append([])
+                    size = len(context)
+                chunks[-1].append(row)
+                size += rest
+            out += [_Pack(c) if len(c) > 1 else c[0] for c in chunks]
+        return out
 
-    def _key(self, row: _Row) -> tuple[int, int]:
-        """(context width, width of the rest) for shared rows; (0, input width) otherwise."""
-        L = self.model.max_length
-        return (_bucket(row.shared, L), _bucket(len(row.input_ids) - row.shared, L)) if row.shared else \
-            (0, _bucket(len(row.input_ids), L))
+    def _key(self, unit: _Row | _Pack) -> tuple[bool, int]:
+        return isinstance(unit, _Pack), _bucket(len(unit.input_ids), self.model.max_length)
 
     def _score_rows(self, batch: list[_Row]) -> list[tuple[_Row, int, torch.Tensor]]:
         ids = _pad([r.input_ids for r in batch], self._key(batch[0])[1], self.model.prefix_token_id)
-        spans = [(min(end - len(cont) for _, end, cont in r.readers), len(r.input_ids)) for r in batch]
+        spans = [(_first_scored(r), len(r.input_ids)) for r in batch]
         return [(r, s, lg) for r, (s, _), lg in zip(batch, spans, self.model.logits(ids, spans))]
 
-    def _score_shared(self, batch: list[_Row]) -> list[tuple[_Row, int, torch.Tensor]]:
-        """Each distinct context of the batch once, then every row's remaining tokens on its KV cache."""
-        index: dict[tuple, int] = {}
-        owner = [index.setdefault(tuple(r.input_ids[:r.shared]), len(index)) for r in batch]
-        contexts = list(index)
-        wc, wr = self._key(batch[0])
-        rests = [r.input_ids[r.shared:] for r in batch]
-        last, rest_logits = self.model.shared_context_logits(
-            _pad([list(c) for c in contexts], wc, self.model.prefix_token_id), [len(c) for c in contexts],
-            _pad(rests, wr, self.model.prefix_token_id), owner, [len(x) for x in rests])
-        return [(r, r.shared - 1, torch.cat([last[g], lg])) for r, g, lg in zip(batch, owner, rest_logits)]
+    def _score_packs(self, batch: list[_Pack]) -> list[tuple[_Row, int, torch.Tensor]]:
+        width = self._key(batch[0])[1]
+        wanted = [(pack, k, _first_scored(row)) for pack in batch for k, row in enumerate(pack.rows)]
+        positions = [[i for p, k, start in wanted if p is pack for i in pack.positions(k, start)] for pack in batch]
+        logits = self.model.packed_logits(_pad([p.input_ids for p in batch], width, self.model.prefix_token_id),
+                                          _pad([p.position_ids for p in batch], width, 0),
+                                          _pad([p.segment_ids for p in batch], width, -1), positions)
+        sizes = [len(pack.rows[k].input_ids) - start for pack, k, start in wanted]
+        parts = torch.cat(logits).split(sizes)
+        return [(pack.rows[k], start, part) for (pack, k, start), part in zip(wanted, parts)]
 
     # ---- data parallel --------------------------------------------------------------------------------------
     def _world(self) -> tuple[int, int]:

@@ -21,7 +21,7 @@ MIN_HEAD_ROWS = 4
 
 class EvalModel:
     """What the scoring engine needs from a model: tokenizer calls, ``logits`` and ``greedy_generate``;
-    ``shared_context_logits`` only where ``supports_shared_context``. Encoder-decoder models
+    ``packed_logits`` only where ``supports_packing``. Encoder-decoder models
     (``is_encoder_decoder``) provide ``seq2seq_logits`` instead of ``logits`` and are scored by
     :mod:`evals.seq2seq` (the context is the encoder input, the continuation the decoder's target)."""
 
@@ -29,7 +29,7 @@ class EvalModel:
     prefix_token_id: int     # conditions the first token of an empty context / rolling window
     eot_token_id: int        # end-of-text, stops generation
     device: torch.device = torch.device("cpu")
-    supports_shared_context: bool = False
+    supports_packing: bool = False
     is_encoder_decoder: bool = False
     decoder_start_token_id: int | None = None  # first decoder input of an encoder-decoder model
 
@@ -45,12 +45,13 @@ class EvalModel:
         only to scored positions is part of the speed-up over full logits (see :func:`head_on_rows`)."""
         raise NotImplementedError
 
-    def shared_context_logits(self, contexts: torch.Tensor, context_lens: list[int], rests: torch.Tensor,
-                              owner: list[int], rest_lens: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Run each right-padded context ``[g, wc]`` once, then each rest ``[r, wr]`` (continuing context
-        ``owner[r]``) on that context's KV cache. Returns the logits of every context's last real position
-        (``[1, vocab]`` each) and of every rest's real positions (``[rest_lens[r], vocab]``). Only needed when
-        ``supports_shared_context``; it saves recomputing a multiple-choice context once per choice."""
+    def packed_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor,
+                      positions: list[list[int]]) -> list[torch.Tensor]:
+        """Several sequences that share a prefix, packed into one row: ``segment_ids`` is 0 on the shared
+        prefix and ``k`` on the k-th sequence's own tokens (-1 on padding); a token attends causally to the
+        prefix and to its own segment only, at ``position_ids``. Returns, per row ``b``, the logits of
+        positions ``positions[b]`` (``[len, vocab]``). Only needed when ``supports_packing``; it runs a
+        multiple-choice context once for all its choices, in the same single pass."""
         raise NotImplementedError
 
     def seq2seq_logits(self, encoder_ids: torch.Tensor, encoder_lens: list[int], decoder_ids: torch.Tensor,
@@ -122,7 +123,7 @@ class HFModel(EvalModel):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     @property
-    def supports_shared_context(self) -> bool:
+    def supports_packing(self) -> bool:
         return not self._softcap
 
     @torch.inference_mode()
@@ -134,22 +135,18 @@ class HFModel(EvalModel):
         return head_on_rows(self.model.get_output_embeddings(), h, spans)
 
     @torch.inference_mode()
-    def shared_context_logits(self, contexts, context_lens, rests, owner, rest_lens):
-        from transformers import DynamicCache
-
-        head, cache = self.model.get_output_embeddings(), DynamicCache()
-        h = self.model.base_model(contexts.to(self.device), past_key_values=cache, use_cache=True).last_hidden_state
-        last = head_on_rows(head, h, [(n - 1, n) for n in context_lens])
-        if rests.shape[1] == 0:
-            return last, [h.new_zeros(0, last[0].shape[-1]) for _ in owner]
-        cache.reorder_cache(torch.tensor(owner, device=self.device))
-        wc, wr = contexts.shape[1], rests.shape[1]
-        lens = torch.tensor([context_lens[g] for g in owner])
-        mask = torch.cat([torch.arange(wc)[None] < lens[:, None], torch.ones(len(owner), wr, dtype=torch.bool)], 1)
-        h = self.model.base_model(rests.to(self.device), past_key_values=cache, use_cache=True,
-                                  attention_mask=mask.long().to(self.device),
-                                  position_ids=(lens[:, None] + torch.arange(wr)).to(self.device)).last_hidden_state
-        return last, head_on_rows(head, h, [(0, n) for n in rest_lens])
+    def packed_logits(self, input_ids, position_ids, segment_ids, positions):
+        seg = segment_ids.to(self.device)
+        width = seg.shape[1]
+        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
+        allowed = causal & ((seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0))
+        dtype = self.model.get_output_embeddings().weight.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        h = self.model.base_model(input_ids.to(self.device), attention_mask=mask[:, None], use_cache=False,
+                                  position_ids=position_ids.to(self.device)).last_hidden_state
+        rows = torch.cat([h[b, idx] for b, idx in enumerate(positions)])
+        logits = head_on_rows(self.model.get_output_embeddings(), rows[None], [(0, len(rows))])[0]
+        return list(logits.split([len(idx) for idx in positions]))
 
     @torch.inference_mode()
     def greedy_generate(self, ids: list[int], max_new_tokens: int, stop: list[str]) -> list[int]:
@@ -173,7 +170,7 @@ class HFSeq2SeqModel(HFModel):
 
     auto_class = "AutoModelForSeq2SeqLM"
     is_encoder_decoder = True
-    supports_shared_context = False
+    supports_packing = False
 
     def __init__(self, model, tokenizer, max_length: int | None = None, device: str | torch.device = "cpu"):
         super().__init__(model, tokenizer, max_length, device)

@@ -294,12 +294,11 @@ def test_shared_prefix_requests_run_once(tiny_hf):
     together = engine.loglikelihood_tokens(reqs)
     alone = [engine.loglikelihood_tokens([r])[0] for r in reqs]
     assert np.allclose([x[0] for x in together], [x[0] for x in alone], atol=1e-5)
-    # continuations of one long context run on its KV cache: same scores as full passes
-    pairs = [(PREAMBLE + "And God said,", end) for end in (" Let there be light", " and it was so", " Amen")]
+    # continuations of one context are packed after one copy of it: same scores as full passes
+    pairs = [("And God said,", end) for end in (" Let there be light", " and it was so", " Amen")]
     reqs = engine.encode_pairs(pairs)
-    rows = engine._plan(reqs)
-    engine._mark_shared(rows)
-    assert len(rows) == 3 and all(r.shared == len(reqs[0][0]) for r in rows)
+    units = engine._pack(engine._plan(reqs))
+    assert len(units) == 1 and len(units[0].input_ids) == len(reqs[0][0]) + sum(len(t) - 1 for _, t in reqs)
     shared = engine.loglikelihood_tokens(reqs)
     full = [model.logits(torch.tensor([c + t[:-1]]), [(len(c) - 1, len(c) + len(t) - 1)])[0] for c, t in reqs]
     expected = [float(torch.log_softmax(lg, -1).gather(1, torch.tensor(t)[:, None]).sum()) for lg, (_, t) in zip(full, reqs)]
