@@ -5,8 +5,8 @@
   ``multiprocessing.Pool(workers).imap(encoder.encode, fin, 32)`` where ``encode`` parses one JSON line and
   returns one Python list of ids, written document by document as ``IndexedDatasetBuilder.add_document`` does.
 
-Each method runs in its own process, alternating, best of ``--repeats``; peak RSS is sampled over the whole
-process tree (main + workers), and CPU seconds (main + workers) are reported because on a shared machine
+Each method runs in its own process, alternating, best of ``--repeats``; peak RSS and PSS are sampled over the
+whole process tree (main + workers), and CPU seconds (main + workers) are reported because on a shared machine
 they are steadier than wall time.
 Both outputs are checked to be byte-identical. Usage::
 
@@ -124,18 +124,22 @@ def _child(method: str, corpus: str, model: str, output: str, workers: int) -> N
 
 
 def measure(method: str, corpus: Path, model: Path, output: Path, workers: int) -> dict:
-    """Run one method in a fresh process, sampling the RSS of its whole process tree."""
+    """Run one method in a fresh process, sampling the RSS and PSS of its whole process tree.
+
+    RSS counts a page that forked workers share with their parent in every process; PSS splits it among them.
+    """
     import psutil
 
     cmd = [sys.executable, __file__, "--child", method, str(corpus), str(model), str(output), str(workers)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    root, peak = psutil.Process(proc.pid), 0
+    root, peak, peak_pss = psutil.Process(proc.pid), 0, 0
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # usage includes the workers it waited for
         if pid:
             break
         try:
-            peak = max(peak, sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]))
+            mems = [p.memory_full_info() for p in [root, *root.children(recursive=True)]]
+            peak, peak_pss = max(peak, sum(m.rss for m in mems)), max(peak_pss, sum(m.pss for m in mems))
         except psutil.NoSuchProcess:
             pass
         time.sleep(0.05)
@@ -144,8 +148,14 @@ def measure(method: str, corpus: Path, model: Path, output: Path, workers: int) 
         raise RuntimeError(f"{method} failed (exit status {status})")
     result = json.loads(out.strip().splitlines()[-1])
     result["tree_peak_rss_mb"] = peak / 2**20
+    result["tree_peak_pss_mb"] = peak_pss / 2**20
     result["cpu_seconds"] = usage.ru_utime + usage.ru_stime
     return result
+
+
+def _load() -> str:
+    """1/5/15-minute load averages: on a shared machine, a timing means little unless they stayed low."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:
@@ -171,7 +181,7 @@ def main() -> None:
     out = cache / "bench_out"
     out.mkdir(exist_ok=True)
     print(f"corpus {corpus.name}: {size_mb:.1f} MB; sentencepiece BPE {args.vocab}; {args.workers} workers; "
-          f"{os.cpu_count()} CPUs", flush=True)
+          f"{os.cpu_count()} CPUs; load average {_load()}", flush=True)
     runs: dict[str, dict] = {}
     for rep in range(args.repeats):  # alternate the methods so a load spike on the shared machine hits both
         for name, method in [("reference (Megatron Pool.imap per doc)", "reference"), ("pretrain prepare", "ours")]:
@@ -183,14 +193,14 @@ def main() -> None:
 
     ref = runs["reference (Megatron Pool.imap per doc)"]
     print("\n| method | wall s | Mtokens/s | MB/s | speed-up | CPU s (all processes) | Mtokens per CPU-s | "
-          "peak RSS, all processes (MB) | peak RSS, main (MB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "peak RSS, all processes (MB) | peak PSS, all processes (MB) | peak RSS, main (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in runs.items():
         print(f"| {name} | {r['seconds']:.1f} | {r['tokens'] / r['seconds'] / 1e6:.2f} | "
               f"{size_mb / r['seconds']:.1f} | {ref['seconds'] / r['seconds']:.2f}x | {r['cpu_seconds']:.1f} | "
               f"{r['tokens'] / r['cpu_seconds'] / 1e6:.2f} | {r['tree_peak_rss_mb']:.0f} | "
-              f"{r['main_maxrss_mb']:.0f} |")
-    print(f"\ntokens: {ref['tokens']:,}; outputs byte-identical: {same}")
+              f"{r['tree_peak_pss_mb']:.0f} | {r['main_maxrss_mb']:.0f} |")
+    print(f"\ntokens: {ref['tokens']:,}; outputs byte-identical: {same}; load average after: {_load()}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ What happens to each kind of bad input:
 * ``bad_json`` - a ``.jsonl`` line that is not a JSON object: skipped.
 * ``missing_key`` - a record without the text key (or with a null / non-string value): skipped.
 * ``empty`` - a document that is empty or only whitespace: skipped.
-* ``non_utf8`` - bytes that are not valid UTF-8: the document is kept, invalid bytes become U+FFFD.
+* ``non_utf8`` - bytes that are not valid UTF-8, or a JSON-escaped lone UTF-16 surrogate (``"\\ud800"``): the
+  document is kept, each invalid byte or surrogate becomes U+FFFD.
 
 ``.txt`` files hold one document per line (``txt_mode="line"``, the default) or one document per
 paragraph separated by blank lines (``txt_mode="paragraph"``).
@@ -26,12 +27,15 @@ import glob
 import gzip
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 HF_PREFIX = "hf:"
 _ROW_BATCH = 1024
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")  # JSON's escape of a UTF-16 surrogate
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class CorpusError(ValueError):
@@ -158,9 +162,19 @@ class CorpusReader:
                 text = self._text_of(record, path, lineno)
                 if text is None:
                     continue
+                if _SURROGATE_ESCAPE.search(raw):
+                    text = self._without_lone_surrogates(text, path, lineno)
                 pos = position()
                 yield Document(text, path, lineno, pos - last)
                 last = pos
+
+    def _without_lone_surrogates(self, text: str, path: str, line: int) -> str:
+        """JSON can escape a lone UTF-16 surrogate, which is no character (nor valid UTF-8): make it U+FFFD."""
+        lone = _SURROGATE.search(text)  # json.loads has already joined the valid pairs
+        if lone is None:
+            return text
+        self._bad("non_utf8", path, line, f"lone surrogate \\u{ord(lone.group()):x} at character {lone.start()}")
+        return _SURROGATE.sub("\ufffd", text)
 
     def _read_txt(self, path: str) -> Iterator[Document]:
         with _open_binary(path) as (f, position):

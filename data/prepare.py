@@ -5,7 +5,8 @@ Why it is faster than Megatron's ``tools/preprocess_data.py`` and cannot flood m
 * documents travel to workers in chunks of ~1 MB of text and come back as one token array per chunk
   (``Tokenizer.encode_flat``, numpy), not one Python list of ints per document;
 * sentencepiece BPE models encode each distinct word once per worker (``data/segment_cache.py``, exact),
-  which saves most of the tokenizer's CPU time on natural text;
+  which saves most of the tokenizer's CPU time on natural text; words are cut (numpy) and hashed (Arrow) in
+  C, so Python touches each distinct word of a chunk once, not every word;
 * at most ``2 * workers`` chunks are in flight: reading waits for the writer, so a slow disk or a fast
   reader never piles the corpus up in RAM (``Pool.imap`` consumes its whole input eagerly, Megatron-LM#444);
 * the garbage collector is off in the hot loop (it otherwise rescans millions of live objects).

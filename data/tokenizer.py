@@ -138,7 +138,7 @@ class SentencePieceTokenizer(Tokenizer):
     def _encode_plain(self, texts: list[str]) -> list[np.ndarray]:
         return self.sp.encode(texts, out_type="numpy", num_threads=self.num_threads)
 
-    def _encode_lists(self, texts: list[str]) -> list[list[int]]:
+    def _encode_lists(self, texts: list[str] | list[bytes]) -> list[list[int]]:
         return self.sp.encode(texts, num_threads=self.num_threads)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:

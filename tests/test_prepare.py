@@ -93,6 +93,18 @@ def test_bad_input_is_counted_and_kept_out(tiny_tokenizer, tmp_path):
                      "\ufffd\ufffdodd bytes", "another line"]
 
 
+def test_json_lone_surrogates_are_repaired_not_a_crash(tiny_tokenizer, tmp_path):
+    """JSON may escape a lone UTF-16 surrogate; no tokenizer can encode it, so it is counted and made U+FFFD."""
+    (tmp_path / "s.jsonl").write_text('{"text": "pair \\ud83d\\ude00 ok"}\n{"text": "lone \\ud800 here"}\n'
+                                      '{"text": "LONE \\uDFFF end", "id": "\\ud801"}\n')
+    meta = prepare([str(tmp_path / "s.jsonl")], tiny_tokenizer.path, tmp_path / "o", workers=2, progress=False)
+    assert meta["bad_inputs"]["non_utf8"] == 2
+    texts = [tiny_tokenizer.decode(d) for d in IndexedDataset(tmp_path / "o")]
+    assert texts == ["pair \U0001f600 ok", "lone \ufffd here", "LONE \ufffd end"]
+    with pytest.raises(CorpusError, match=r"s\.jsonl:2: non_utf8: lone surrogate \\ud800"):
+        prepare([str(tmp_path / "s.jsonl")], tiny_tokenizer.path, tmp_path / "o2", strict=True, progress=False)
+
+
 def test_strict_names_file_and_line_and_leaves_nothing(tiny_tokenizer, tmp_path, capsys):
     _bad_jsonl(tmp_path / "bad.jsonl")
     with pytest.raises(CorpusError, match=r"bad\.jsonl:2: bad_json"):
