@@ -1,10 +1,11 @@
 """Training throughput on CPU: our GPT (Llama flavour) vs Hugging Face ``LlamaForCausalLM`` of the same shape.
 
-Both models get the same batch, the same AdamW and the same thread count; steps alternate between the two, and
-a large fp32 matmul is timed next to every step pair, so background load hits all three alike. Achieved FLOP/s
-(PaLM formula, ``pretrain.models.flops``) is reported as a fraction of that matmul rate, taken step by step.
+Each model runs eager and ``torch.compile``d in place (what ``train.compile: true`` does), all with the same
+batch, the same fused AdamW (the trainer's) and the same thread count; steps alternate between the models, and a
+large fp32 matmul is timed next to every round, so background load hits all alike. Achieved FLOP/s (PaLM
+formula, ``pretrain.models.flops``) is reported as a fraction of that matmul rate, taken step by step.
 
-    python benchmarks/bench_model_cpu.py [--threads 2] [--steps 10]
+    python benchmarks/bench_model_cpu.py [--threads 2] [--steps 10] [--no-compile]
 """
 
 from __future__ import annotations
@@ -42,35 +43,43 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--ffn", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--no-compile", action="store_true", help="eager models only (skips ~1 min of compilation)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
 
-    ours = build_model("gpt", dict(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
-                                   num_heads=args.heads, ffn_hidden_size=args.ffn, max_seq_len=args.seq))
-    cfg = ours.cfg
-    hf = hf_llama(cfg)
+    def build_ours():
+        torch.manual_seed(0)
+        return build_model("gpt", dict(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
+                                       num_heads=args.heads, ffn_hidden_size=args.ffn, max_seq_len=args.seq))
+
+    cfg = build_ours().cfg
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
-    steps = {
-        "ours (pretrain GPT llama)": lambda: ours(input_ids=ids[:, :-1], labels=ids[:, 1:]).loss,
-        "HF LlamaForCausalLM": lambda: hf(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss,  # HF shifts itself
-    }
-    models = {"ours (pretrain GPT llama)": ours, "HF LlamaForCausalLM": hf}
-    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    ours_batch = dict(input_ids=ids[:, :-1], labels=ids[:, 1:])
+    hf_batch = dict(input_ids=ids[:, :-1], labels=ids[:, :-1])  # HF shifts the labels itself
+    models = {"ours, eager": (build_ours(), ours_batch), "HF, eager": (hf_llama(cfg), hf_batch)}
+    if not args.no_compile:
+        models = {"ours, compiled": (build_ours(), ours_batch), **models, "HF, compiled": (hf_llama(cfg), hf_batch)}
+        for name, (model, _) in models.items():
+            if name.endswith("compiled"):
+                model.compile()  # in place, as the trainer does for train.compile: true
+    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for name, (m, _) in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
     peaks: list[float] = []
     for i in range(args.steps + 2):
         peaks.append(measure_cpu_flops(n=2048, repeats=3))
-        for name, loss_fn in steps.items():
+        for name, (model, batch) in models.items():
             t0 = time.perf_counter()
-            loss = loss_fn()
+            loss = model(**batch).loss
             opts[name].zero_grad(set_to_none=True)
             loss.backward()
             opts[name].step()
             if i >= 2:
                 times[name].append(time.perf_counter() - t0)
-        print(f"step {i + 1}/{args.steps + 2}: " + ", ".join(f"{n.split()[0]} {t[-1] * 1e3:.0f} ms"
-                                                            for n, t in times.items() if t), flush=True)
+            elif i == 0 and name.endswith("compiled"):
+                print(f"{name}: first step (compilation) {time.perf_counter() - t0:.1f} s", flush=True)
+        if i >= 2:
+            print(f"step {i - 1}/{args.steps}: " + ", ".join(f"{n} {t[-1] * 1e3:.0f} ms" for n, t in times.items()),
+                  flush=True)
 
     peaks = peaks[2:]
     tokens = args.batch * args.seq
@@ -80,17 +89,21 @@ def main() -> None:
     print(f"fp32 2048^3 matmul rate: median {statistics.median(peaks) / 1e9:.1f} GFLOP/s "
           f"(min {min(peaks) / 1e9:.1f}, max {max(peaks) / 1e9:.1f}); % matmul = median over steps of "
           f"(step FLOP/s) / (matmul rate measured just before)\n")
-    print(f"{'model':<28}{'params':>10}{'step ms (median)':>18}{'tokens/s':>10}{'GFLOP/s':>9}{'% matmul':>10}")
+    print(f"{'model':<18}{'params':>10}{'step ms (median)':>18}{'tokens/s':>10}{'GFLOP/s':>9}{'% matmul':>10}")
     rates = {}
-    for name, model in models.items():
+    for name, (model, _) in models.items():
         step = statistics.median(times[name])
         rates[name] = tokens / step
         n = sum(p.numel() for p in model.parameters())
         frac = statistics.median(tokens * fpt / t / peak for t, peak in zip(times[name], peaks))
-        print(f"{name:<28}{n / 1e6:>9.2f}M{step * 1e3:>18.0f}{rates[name]:>10.0f}"
+        print(f"{name:<18}{n / 1e6:>9.2f}M{step * 1e3:>18.0f}{rates[name]:>10.0f}"
               f"{rates[name] * fpt / 1e9:>9.1f}{100 * frac:>9.1f}%")
-    ours_rate, hf_rate = rates.values()
-    print(f"\nours / HF tokens/s: {ours_rate / hf_rate:.2f}x   (param_count(cfg) = {param_count(cfg):,})")
+    print(f"\nparam_count(cfg) = {param_count(cfg):,}; tokens/s ratios:")
+    pairs = [("ours, eager", "HF, eager")]
+    if not args.no_compile:
+        pairs = [("ours, compiled", "HF, eager"), *pairs, ("ours, compiled", "HF, compiled")]
+    for a, b in pairs:
+        print(f"  {a} / {b}: {rates[a] / rates[b]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ class TrainConfig:
     seed: int = 1234
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile the model in place (parameter names unchanged); the first step compiles
     eval_interval: int = 0  # 0 = no validation
     eval_steps: int = 10
     # zero-/few-shot tasks (names or YAML paths, as for `pretrain eval`) scored on the live model at every

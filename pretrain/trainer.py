@@ -67,6 +67,8 @@ class Trainer:
                  stop: StopFlag | None = None):
         self.cfg = cfg
         self.engine = engine or build_engine(cfg)
+        if cfg.train.compile:
+            self.engine.model.compile()  # in place: state-dict keys stay those of the eager model
         self.schedule = Schedule(cfg)
         self.stop = stop or StopFlag()
         self.rank = _rank()

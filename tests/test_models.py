@@ -7,6 +7,7 @@ import torch
 
 from pretrain.models import build_model, config_class
 from pretrain.models.flops import batch_flops, flops_per_token, param_count, t5_flops_per_sample
+from pretrain.models.layers import LayerFactory, LocalLayers, TiedHead
 from pretrain.models.moe import MoEConfig, SwitchMLP, expert_capacity
 
 V = 48
@@ -172,6 +173,44 @@ def test_activation_checkpointing_same_grads():
     assert model.blocks[0].checkpoint and not model.blocks[1].checkpoint
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grads[0], grads[2], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fused_head_loss_matches_unfused(tied):
+    """The chunked head + cross-entropy gives F.cross_entropy's per-token losses and gradients, including a
+    partial last chunk and per-token upstream weights (a loss mask)."""
+    torch.manual_seed(0)
+    layers = LocalLayers()
+    layers.loss_chunk = 16  # 45 tokens: 3 chunks, the last one partial
+    head = TiedHead(torch.nn.Embedding(V, 32)) if tied else layers.lm_head(32, V, 0.5)
+    h, labels, weights = torch.randn(3, 15, 32, requires_grad=True), torch.randint(0, V, (3, 15)), torch.rand(3, 15)
+    results = []
+    for fn in (LocalLayers.head_cross_entropy, LayerFactory.head_cross_entropy):
+        loss = fn(layers, h, head, labels)
+        (loss * weights).sum().backward()
+        results.append((loss.detach(), h.grad, head.weight.grad))
+        assert ("LinearCrossEntropy" in type(loss.grad_fn.next_functions[0][0]).__name__) == (len(results) == 1)
+        h.grad = head.weight.grad = None
+    for fused, plain in zip(*results):
+        torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # nothing to prepare for backward: the plain path, same losses
+        torch.testing.assert_close(layers.head_cross_entropy(h, head, labels), results[0][0], atol=1e-6, rtol=1e-5)
+
+
+def test_compiled_model_matches_eager():
+    """``train.compile`` compiles the model in place: same loss and grads, same state-dict keys (checkpoints)."""
+    batch, results = _batch("gpt"), []
+    for compiled in (False, True):
+        model = _model("llama")
+        if compiled:
+            model.compile(backend="aot_eager")  # traces like inductor, without its minutes of C++ compilation
+        out = model(**batch)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}, model.state_dict()))
+    (loss, grads, state), (loss_c, grads_c, state_c) = results
+    assert list(state_c) == list(state)
+    torch.testing.assert_close(loss_c, loss)
+    torch.testing.assert_close(grads_c, grads)
 
 
 def test_bf16_autocast_smoke():

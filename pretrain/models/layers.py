@@ -11,6 +11,7 @@ Shapes are ``[batch, seq, features]``. "Local" means this rank's shard:
 * ``row(i, o)``: input is this rank's ``i / tp`` features, output full ``o`` (summed over ranks).
 * ``embedding(v, d)``: vocab split over ranks, output full ``d``.
 * ``lm_head``: logits over this rank's ``v / tp`` vocab entries; ``cross_entropy`` consumes them.
+* ``head_cross_entropy(h, head, labels)``: both in one call, so a factory may fuse them (``LocalLayers`` does).
 * ``scatter_sequence`` / ``gather_sequence``: enter/leave the sequence-parallel region (no-ops here).
 * ``head_shard``: this rank's heads of a tensor computed in full (no-op here).
 """
@@ -42,8 +43,47 @@ class TiedHead(nn.Module):
         super().__init__()
         self._embedding = [embedding]  # a list keeps the embedding from being registered twice
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embedding[0].weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._embedding[0].weight)
+        return F.linear(x, self.weight)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Per-token ``cross_entropy(x @ weight.T, labels)`` with the logits handled a chunk of tokens at a time.
+
+    Each chunk's logits are turned into ``softmax - one_hot`` (the loss gradient) in place while still in cache,
+    and ``d loss / d x`` is computed right away; only the per-token upstream gradients wait for backward (they
+    scale rows, so that stays exact). This saves several full passes over the ``[tokens, vocab]`` logits.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        loss = x.new_empty(x.shape[0])
+        grad_logits = x.new_empty(x.shape[0], weight.shape[0])
+        grad_x = torch.empty_like(x)
+        for start in range(0, x.shape[0], chunk):
+            end, y = start + chunk, labels[start:start + chunk, None]
+            z = torch.mm(x[start:end], weight.t(), out=grad_logits[start:end])
+            top = z.amax(1, keepdim=True)
+            target = z.gather(1, y)
+            z.sub_(top).exp_()
+            total = z.sum(1, keepdim=True)
+            loss[start:end] = (total.log() + top - target).squeeze(1)
+            z.div_(total).scatter_add_(1, y, z.new_full(y.shape, -1.0))
+            torch.mm(z, weight, out=grad_x[start:end])
+        ctx.save_for_backward(x, grad_logits, grad_x)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        x, grad_logits, grad_x = ctx.saved_tensors
+        g = grad_loss[:, None]
+        dx = grad_x * g if ctx.needs_input_grad[0] else None
+        dw = grad_logits.t().mm(x * g) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None
 
 
 def init_normal_(weight: torch.Tensor, std: float) -> torch.Tensor:
@@ -83,6 +123,10 @@ class LayerFactory:
         """Per-token loss (no reduction) from this rank's vocab shard of ``logits``."""
         raise NotImplementedError
 
+    def head_cross_entropy(self, h: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+        """``cross_entropy(head(h), labels)``; factories may fuse the two."""
+        return self.cross_entropy(head(h), labels)
+
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Full-vocab logits from this rank's shard (for evaluation and export)."""
         raise NotImplementedError
@@ -106,6 +150,8 @@ class LayerFactory:
 
 class LocalLayers(LayerFactory):
     """Single-process layers: plain ``nn.Linear`` / ``nn.Embedding`` / ``F.cross_entropy``."""
+
+    loss_chunk = 256  # tokens per chunk of the fused head + cross-entropy (their logits stay in cache)
 
     def column(self, in_features, out_features, bias, init_std, stride=1):
         return self._linear(in_features, out_features, bias, init_std)
@@ -131,6 +177,19 @@ class LocalLayers(LayerFactory):
 
     def cross_entropy(self, logits, labels):
         return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), reduction="none").view_as(labels)
+
+    def head_cross_entropy(self, h, head, labels):
+        # Unfused: bf16 or autocast (logits are upcast to fp32 there), a biased head, no backward to prepare, a
+        # DeepSpeed ZeRO-3 weight (gathered only inside the head's own forward), or under torch.compile (inductor
+        # fuses the plain version a little better still).
+        w = head.weight
+        fusable = (h.dtype == w.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type)
+                   and getattr(head, "bias", None) is None and not hasattr(w, "ds_status"))
+        if not (fusable and torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
+                and not torch.compiler.is_compiling()):
+            return super().head_cross_entropy(h, head, labels)
+        loss = LinearCrossEntropy.apply(h.flatten(0, -2), w, labels.flatten(), self.loss_chunk)
+        return loss.view_as(labels)
 
     def gather_logits(self, logits):
         return logits

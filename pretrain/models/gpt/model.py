@@ -186,7 +186,7 @@ class GPT(nn.Module):
     def head_loss(self, h: torch.Tensor, ctx: Context, labels: torch.Tensor,
                   loss_mask: torch.Tensor | None = None) -> ModelOutput:
         """LM loss of final-normed hidden states ``h`` plus the Switch auxiliary losses collected in ``ctx``."""
-        token_loss = self.layers.cross_entropy(self.head(h), labels)
+        token_loss = self.layers.head_cross_entropy(h, self.head, labels)
         moe = self.cfg.moe
         return lm_output(token_loss, loss_mask, ctx.moe_aux, moe.aux_loss_weight, moe.z_loss_weight)
 
