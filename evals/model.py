@@ -136,17 +136,12 @@ class HFModel(EvalModel):
 
     @torch.inference_mode()
     def packed_logits(self, input_ids, position_ids, segment_ids, positions):
-        seg = segment_ids.to(self.device)
-        width = seg.shape[1]
-        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
-        allowed = causal & ((seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0))
+        allowed = packed_mask(segment_ids.to(self.device))
         dtype = self.model.get_output_embeddings().weight.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(~allowed, torch.finfo(dtype).min)
-        h = self.model.base_model(input_ids.to(self.device), attention_mask=mask[:, None], use_cache=False,
+        h = self.model.base_model(input_ids.to(self.device), attention_mask=mask, use_cache=False,
                                   position_ids=position_ids.to(self.device)).last_hidden_state
-        rows = torch.cat([h[b, idx] for b, idx in enumerate(positions)])
-        logits = head_on_rows(self.model.get_output_embeddings(), rows[None], [(0, len(rows))])[0]
-        return list(logits.split([len(idx) for idx in positions]))
+        return rows_logits(self.model.get_output_embeddings(), h, positions)
 
     @torch.inference_mode()
     def greedy_generate(self, ids: list[int], max_new_tokens: int, stop: list[str]) -> list[int]:
@@ -198,6 +193,20 @@ class HFSeq2SeqModel(HFModel):
                 break
             step = torch.tensor([[token]], device=self.device)
         return new
+
+
+def packed_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """``[batch, 1, seq, seq]`` True where a packed token may attend (see :meth:`EvalModel.packed_logits`)."""
+    width = segment_ids.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segment_ids.device).tril()
+    seg = segment_ids
+    return (causal & ((seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)))[:, None]
+
+
+def rows_logits(head, h: torch.Tensor, positions: list[list[int]]) -> list[torch.Tensor]:
+    """``head`` on positions ``positions[b]`` of each row of ``h`` (one matmul, see :func:`head_on_rows`)."""
+    rows = torch.cat([h[b, idx] for b, idx in enumerate(positions)])
+    return list(head_on_rows(head, rows[None], [(0, len(rows))])[0].split([len(idx) for idx in positions]))
 
 
 def head_on_rows(head, h: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:

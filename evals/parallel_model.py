@@ -26,6 +26,8 @@ from evals.pretrain_model import PretrainModel, checkpoint_tokenizer
 class PipelineModel(PretrainModel):
     """One pipeline stage of a GPT (``parallel.pipeline.GPTStage``) behind :class:`EvalModel`."""
 
+    supports_packing = False  # stages take no attention mask
+
     def __init__(self, model: torch.nn.Module, stage: torch.nn.Module, mesh, tokenizer,
                  max_length: int | None = None, bos_id: int | None = None, eos_id: int | None = None):
         super().__init__(model, tokenizer, max_length, bos_id, eos_id)

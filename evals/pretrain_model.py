@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from evals.model import DEFAULT_MAX_LENGTH, EvalModel, head_on_rows
+from evals.model import DEFAULT_MAX_LENGTH, EvalModel, head_on_rows, packed_mask, rows_logits
 
 
 class PretrainModel(EvalModel):
@@ -75,6 +75,17 @@ class PretrainModel(EvalModel):
         with self._scoring():
             h, _ = self.model.hidden(input_ids.to(self.device))
             return [self.model.layers.gather_logits(x) for x in head_on_rows(self.model.head, h, spans)]
+
+    @property
+    def supports_packing(self) -> bool:
+        return not self.is_encoder_decoder
+
+    @torch.inference_mode()
+    def packed_logits(self, input_ids, position_ids, segment_ids, positions):
+        with self._scoring():
+            h, _ = self.model.hidden(input_ids.to(self.device), position_ids.to(self.device),
+                                     mask=packed_mask(segment_ids.to(self.device)))
+            return [self.model.layers.gather_logits(x) for x in rows_logits(self.model.head, h, positions)]
 
     @torch.inference_mode()
     def seq2seq_logits(self, encoder_ids, encoder_lens, decoder_ids, owner, decoder_lens):

@@ -69,6 +69,23 @@ def test_document_mask_equals_separate_documents():
     torch.testing.assert_close(out[1:], attention(q[1:], k[1:], v[1:], causal=True), atol=1e-6, rtol=1e-6)
 
 
+def test_explicit_mask_packs_continuations_after_a_shared_context():
+    """A tree mask (context 0-3, then branches 4-7 and 8-11 seeing the context and themselves) gives each
+    branch what it gets right after the context alone, with the positions of its own sequence."""
+    from evals.model import packed_mask
+
+    q, k, v = _qkv(4)
+    seg = torch.tensor([[0] * 4 + [1] * 4 + [2] * 4] * B)
+    out = attention(q, k, v, causal=True, mask=packed_mask(seg))
+    ref = attention(q, k, v, causal=True, mask=packed_mask(seg), backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for branch in (slice(4, 8), slice(8, 12)):
+        idx = torch.cat([torch.arange(4), torch.arange(S)[branch]])
+        alone = attention(q[:, idx], k[:, idx], v[:, idx], causal=True, backend="reference")
+        torch.testing.assert_close(out[:, branch], alone[:, 4:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, :4], attention(q[:, :4], k[:, :4], v[:, :4], causal=True), atol=1e-6, rtol=1e-6)
+
+
 def test_decode_step_sees_whole_past():
     """Causal masks are bottom-right aligned: the last query of a KV-cache step attends to every key."""
     q, k, v = _qkv(4)

@@ -13,6 +13,8 @@ Masks (all optional, combined with AND):
   with ``q_len < kv_len`` sees the whole past, as flash-attn does).
 * ``document_ids`` ``[batch, seq]`` (self-attention only): tokens see only tokens of the same document.
 * ``key_mask`` ``[batch, kv_len]`` (1/True = real token): padding keys are hidden.
+* ``mask`` ``[batch or 1, 1, q_len, kv_len]`` (True = may attend): any other pattern, e.g. the tree of several
+  continuations packed after one shared context that evaluation scores in one pass.
 * ``bias`` ``[batch or 1, q_heads, q_len, kv_len]``: added to the scores (T5 relative position bias).
 """
 
@@ -33,7 +35,8 @@ BACKENDS = ("sdpa", "flash_attn", "reference")
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, backend: str = "sdpa",
               document_ids: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-              bias: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+              bias: torch.Tensor | None = None, scale: float | None = None,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention; see the module docstring for shapes and mask semantics."""
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
@@ -41,21 +44,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         raise ValueError("document_ids need self-attention (q_len == kv_len); drop them for KV-cache decoding")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if backend == "sdpa":
-        return _sdpa(q, k, v, causal, document_ids, key_mask, bias, scale)
+        return _sdpa(q, k, v, causal, document_ids, key_mask, bias, scale, mask)
     if backend == "flash_attn":
+        if mask is not None:
+            raise ValueError("the flash_attn backend takes no explicit mask; use model.attention_backend=sdpa")
         return _flash(q, k, v, causal, document_ids, key_mask, bias, scale)
     if backend == "reference":
-        return _reference(q, k, v, causal, document_ids, key_mask, bias, scale)
+        return _reference(q, k, v, causal, document_ids, key_mask, bias, scale, mask)
     raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
 
 
 def attention_mask(q_len: int, kv_len: int, *, causal: bool, document_ids: torch.Tensor | None = None,
-                   key_mask: torch.Tensor | None = None, device: torch.device | None = None) -> torch.Tensor | None:
+                   key_mask: torch.Tensor | None = None, device: torch.device | None = None,
+                   mask: torch.Tensor | None = None) -> torch.Tensor | None:
     """Boolean mask ``[batch or 1, 1, q_len, kv_len]`` (True = may attend), or None when nothing is masked."""
-    mask = None
     if causal:
         offset = kv_len - q_len
-        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(offset)[None, None]
+        causal_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(offset)[None, None]
+        mask = causal_mask if mask is None else mask & causal_mask
     if document_ids is not None:
         same = (document_ids[:, :, None] == document_ids[:, None, :])[:, None]
         mask = same if mask is None else mask & same
@@ -65,12 +71,14 @@ def attention_mask(q_len: int, kv_len: int, *, causal: bool, document_ids: torch
     return mask
 
 
-def _sdpa(q, k, v, causal, document_ids, key_mask, bias, scale):
+def _sdpa(q, k, v, causal, document_ids, key_mask, bias, scale, mask=None):
     q_len, kv_len = q.shape[1], k.shape[1]
     # The fast path: no explicit mask, the kernel skips masked blocks itself.
-    plain_causal = causal and q_len == kv_len and document_ids is None and key_mask is None and bias is None
+    plain_causal = (causal and q_len == kv_len and document_ids is None and key_mask is None and bias is None
+                    and mask is None)
     mask = None if plain_causal else attention_mask(q_len, kv_len, causal=causal and q_len > 1,
-                                                    document_ids=document_ids, key_mask=key_mask, device=q.device)
+                                                    document_ids=document_ids, key_mask=key_mask, device=q.device,
+                                                    mask=mask)
     if bias is not None:
         bias = bias.to(q.dtype)
         mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
@@ -79,7 +87,7 @@ def _sdpa(q, k, v, causal, document_ids, key_mask, bias, scale):
     return out.transpose(1, 2)
 
 
-def _reference(q, k, v, causal, document_ids, key_mask, bias, scale):
+def _reference(q, k, v, causal, document_ids, key_mask, bias, scale, mask=None):
     """Textbook softmax(q k^T * scale + bias) v in fp32; slow, for tests only."""
     groups = q.shape[2] // k.shape[2]
     qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))
@@ -88,7 +96,7 @@ def _reference(q, k, v, causal, document_ids, key_mask, bias, scale):
     if bias is not None:
         scores = scores + bias.float()
     mask = attention_mask(q.shape[1], k.shape[1], causal=causal, document_ids=document_ids, key_mask=key_mask,
-                          device=q.device)
+                          device=q.device, mask=mask)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(-1) @ vf).transpose(1, 2).to(q.dtype)

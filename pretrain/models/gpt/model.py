@@ -51,6 +51,7 @@ class Context:
 
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin: [batch or 1, seq, 1, 1, head_dim]
     document_ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # explicit attention mask (see pretrain.models.attention), e.g. for evals
     cache: KVCache | None = None
     moe_aux: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # block index -> aux losses
 
@@ -104,7 +105,7 @@ class SelfAttention(nn.Module):
         q, k, v = q.reshape(b, s, self.q_heads, self.head_dim), k.squeeze(3), v.squeeze(3)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.index, k, v)
-        y = attention(q, k, v, causal=True, backend=self.backend, document_ids=ctx.document_ids)
+        y = attention(q, k, v, causal=True, backend=self.backend, document_ids=ctx.document_ids, mask=ctx.mask)
         return self.proj(y.reshape(b, s, -1))
 
 
@@ -164,18 +165,20 @@ class GPT(nn.Module):
         return self.layers.scatter_sequence(h)
 
     def context(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> Context:
+                document_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                mask: torch.Tensor | None = None) -> Context:
         offset = 0 if cache is None else cache.length
         rope = None
         if self.cfg.llama:
             pos = self._positions(input_ids, position_ids, offset)
             rope = (self.rope_cos[pos][:, :, None, None], self.rope_sin[pos][:, :, None, None])
         docs = document_ids if self.cfg.document_masking else None
-        return Context(rope=rope, document_ids=docs, cache=cache)
+        return Context(rope=rope, document_ids=docs, mask=mask, cache=cache)
 
-    def hidden(self, input_ids, position_ids=None, document_ids=None, cache=None) -> tuple[torch.Tensor, Context]:
+    def hidden(self, input_ids, position_ids=None, document_ids=None, cache=None,
+               mask=None) -> tuple[torch.Tensor, Context]:
         """Final-normed hidden states (full sequence) and the context they were computed in."""
-        ctx = self.context(input_ids, position_ids, document_ids, cache)
+        ctx = self.context(input_ids, position_ids, document_ids, cache, mask)
         h = self.embed(input_ids, position_ids, 0 if cache is None else cache.length)
         for block in self.blocks:
             h = block(h, ctx)
