@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import json
-import re
+from collections import Counter
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from data.segment_cache import split_keys
+from data.segment_cache import SegmentCache, split_keys, supports
 from data.tokenizer import load_tokenizer, text_lines, train_sentencepiece
 
 EDGE = ["", " ", "   ", "a", " a", "  a  ", "a  \n", "a \n b", "\n", "x\u2581 y \u2581", "foo  bar  ", "\t a\t b ",
-        "é 😀  ü", "12 345", "a<extra_id_3> b", " \n ", "end ", "a b", "a\nb  c", "<s> </s> <pad>"]
-# The finest exact cut (see the module doc), written the slow way: the oracle for split_keys.
-_SEGMENT = re.compile(r"(?:^| )( *[^ ]+(?: +\Z)?)")
+        "é 😀  ü", "12 345", "a<extra_id_3> b", " \n ", "end ", "a b", "a\nb  c", "<s> </s> <pad>",
+        "\u2581", "a\u2581", "\u2581\u2581b", "—x"]
+
+
+def _finest(text: str) -> list[str]:
+    """The finest exact cut (see the module doc), written the slow way: the oracle for split_keys."""
+    s = " " + text
+    cuts = [i for i in range(1, len(s.rstrip(" ")))  # trailing spaces stay with the last key
+            if (s[i] == " " and s[i - 1] != " ") or (s[i - 1] == "\n" and s[i] not in " \n")]
+    bounds = [0, *cuts, len(s)]
+    return [s[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def _keys(texts: list[str]) -> list[list[str]]:
@@ -27,7 +35,7 @@ def _keys(texts: list[str]) -> list[list[str]]:
 
 def _random_texts(rng: np.random.Generator, words: list[str], n: int) -> list[str]:
     """Texts mixing real words with the cases that matter: space runs, edges, ▁, newlines, tabs, bytes."""
-    parts = words + [" ", "  ", "   ", "\n", "\t", "\u2581", "é", "😀", "<extra_id_3>", "7", "\u3000"]
+    parts = words + [" ", "  ", "   ", "\n", "\t", "\u2581", "é", "😀", "—", "<extra_id_3>", "7", "\u3000"]
     out = []
     for _ in range(n):
         k = int(rng.integers(0, 12))
@@ -37,14 +45,11 @@ def _random_texts(rng: np.random.Generator, words: list[str], n: int) -> list[st
 
 
 def test_split_keys_cover_the_texts_and_cut_finest():
-    for texts in (EDGE, EDGE[::-1], ["a "] + [" b"], ["x  ", "  y z"], ["only"]):
+    for texts in (EDGE, EDGE[::-1], ["a "] + [" b"], ["x  ", "  y z"], ["only"], ["a\n\nb\n c\n", "\nx"]):
         for text, keys in zip(texts, _keys(texts), strict=True):
-            assert all(k.startswith(" ") for k in keys)
-            assert "".join(keys)[1:] == text  # every key carries one space in front
-            if "\u2581" in text:
-                assert len(keys) == 1
-            elif text.strip():
-                assert [k[1:] for k in keys] == _SEGMENT.findall(text)
+            assert "".join(keys)[1:] == text  # the first key carries one space in front
+            assert keys == ([" " + text] if "\u2581" in text else _finest(text))
+    assert _keys(["ab\ncd ef\n\n  gh"]) == [[" ab\n", "cd", " ef\n\n", "  gh"]]
 
 
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])
@@ -85,6 +90,51 @@ def test_segment_cache_is_exact_on_random_texts(tiny_corpus, tiny_tokenizer):
         assert lengths.tolist() == [len(p) for p in plain], batch
         assert flat.tolist() == [i for p in plain for i in p], batch
     assert tok.encode_flat([])[0].size == 0
+
+
+def test_newline_cuts_exact_for_models_trained_on_documents(tiny_corpus, tmp_path):
+    """Trained on whole documents, BPE learns pieces such as ".\\n"; keys after a newline must still be exact."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    texts = [json.loads(line)["text"] for _, line in zip(range(60), open(tiny_corpus, encoding="utf-8"))]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(tmp_path / "docs"),
+                                   vocab_size=600, model_type="bpe", normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, byte_fallback=True, max_sentence_length=1 << 20,
+                                   minloglevel=2)
+    tok = load_tokenizer(tmp_path / "docs.model")
+    assert any(p.endswith("\n") and p != "\n" for p in map(tok.sp.id_to_piece, range(tok.vocab_size)))
+    assert tok._cache is not None
+    batch = texts + EDGE + ["a.\nb.\n\nc", "\n\nx\ny", ".\n.\n"]
+    flat, lengths = tok.encode_flat(batch)
+    plain = [tok.sp.encode(t) for t in batch]
+    assert lengths.tolist() == [len(p) for p in plain] and flat.tolist() == [i for p in plain for i in p]
+
+    model = pb.ModelProto()
+    model.ParseFromString((tmp_path / "docs.model").read_bytes())
+    assert supports(model.SerializeToString())
+    model.pieces[-1].piece = "\nthe"  # a piece that would merge across a newline cut
+    assert not supports(model.SerializeToString())
+
+
+def test_eviction_keeps_frequent_segments(tiny_tokenizer):
+    """A full cache drops the words seen once and keeps the common ones: those are never encoded again."""
+    encoded = Counter()
+
+    def encode_many(keys: list[bytes]) -> list[list[int]]:
+        encoded.update(keys)
+        return tiny_tokenizer.sp.encode(keys)
+
+    cache = SegmentCache(encode_many, max_segments=400)
+    encoded.clear()  # the cache encodes "\n" once, to know its tokens
+    for batch in range(40):  # 3 common words and 50 new ones per batch: evicts every few batches
+        texts = [f"the cat {batch}x{i} sat" for i in range(50)]
+        flat, lengths = cache.encode_flat(texts)
+        plain = [tiny_tokenizer.sp.encode(t) for t in texts]
+        assert lengths.tolist() == [len(p) for p in plain] and flat.tolist() == [i for p in plain for i in p]
+        assert len(cache._index) <= 400 + 53
+    assert len(encoded) == 40 * 50 + 3 and sum(encoded.values()) == len(encoded)  # each word encoded once
+    assert cache._index.keys() >= {b" the", b" cat", b" sat"}
 
 
 def test_segment_cache_off_for_normalizing_models(tiny_corpus, tmp_path):
