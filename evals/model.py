@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 DEFAULT_MAX_LENGTH = 2048
-MIN_HEAD_ROWS = 4
+MIN_HEAD_ROWS = 16
 
 
 class EvalModel:
@@ -211,9 +211,10 @@ def rows_logits(head, h: torch.Tensor, positions: list[list[int]]) -> list[torch
 
 def head_on_rows(head, h: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
     """``head`` applied to positions ``spans[b]`` of each row of ``h`` ``[batch, seq, dim]`` in one matmul
-    (reading the vocab-sized weight once per batch). CPU GEMM kernels take another path below
-    ``MIN_HEAD_ROWS`` rows, so tiny inputs are padded with zero rows: each row's logits then do not depend on
-    how many other rows are in the call."""
+    (reading the vocab-sized weight once per batch). CPU GEMM kernels take other paths for small inputs (seen
+    below 16 rows with 2 threads: the last bits of a row's logits changed with the row count), so tiny inputs
+    are padded with zero rows to ``MIN_HEAD_ROWS``: each row's logits then do not depend on how many other rows
+    are in the call."""
     parts = [h[b, a:z] for b, (a, z) in enumerate(spans)]
     x = torch.cat(parts)
     n = x.shape[0]
