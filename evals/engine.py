@@ -101,6 +101,10 @@ class _Pack:
             self.position_ids += range(n, n + len(rest))
             self.segment_ids += [k] * len(rest)
 
+    @property
+    def readers(self) -> list[tuple[int, int, list[int]]]:
+        return [r for row in self.rows for r in row.readers]
+
     def positions(self, k: int, start: int) -> list[int]:
         """Pack positions of row ``k``'s positions ``start..`` (the first may be in the shared context)."""
         n, row = self.rows[k].shared, self.rows[k]
@@ -225,14 +229,14 @@ class Engine:
                 batches.append([])
             batches[-1].append(unit)
         mine = [batches[b] for b in self._my_share(list(range(len(batches))))]
-        readers = lambda u: sum(len(r.readers) for r in (u.rows if isinstance(u, _Pack) else [u]))  # noqa: E731
         results: dict[int, tuple[float, bool]] = {}
-        bar = tqdm(total=sum(readers(u) for b in mine for u in b), desc=desc, disable=not self.progress, unit="req")
+        bar = tqdm(total=sum(len(u.readers) for b in mine for u in b), desc=desc, disable=not self.progress,
+                   unit="req")
         for batch in mine:
             for row, start, logits in (self._score_packs(batch) if isinstance(batch[0], _Pack)
                                        else self._score_rows(batch)):
                 results.update(_read(row, start, logits))
-            bar.update(sum(readers(u) for u in batch))
+            bar.update(sum(len(u.readers) for u in batch))
         bar.close()
         results = self._gather(results)
         return [results[i] for i in range(len(requests))]
@@ -293,14 +297,17 @@ class Engine:
 
     def _score_packs(self, batch: list[_Pack]) -> list[tuple[_Row, int, torch.Tensor]]:
         width = self._key(batch[0])[1]
-        wanted = [(pack, k, _first_scored(row)) for pack in batch for k, row in enumerate(pack.rows)]
-        positions = [[i for p, k, start in wanted if p is pack for i in pack.positions(k, start)] for pack in batch]
+        wanted, positions = [], []  # (row, first scored position) in pack order; each pack's positions to score
+        for pack in batch:
+            positions.append([])
+            for k, row in enumerate(pack.rows):
+                wanted.append((row, _first_scored(row)))
+                positions[-1] += pack.positions(k, wanted[-1][1])
         logits = self.model.packed_logits(_pad([p.input_ids for p in batch], width, self.model.prefix_token_id),
                                           _pad([p.position_ids for p in batch], width, 0),
                                           _pad([p.segment_ids for p in batch], width, -1), positions)
-        sizes = [len(pack.rows[k].input_ids) - start for pack, k, start in wanted]
-        parts = torch.cat(logits).split(sizes)
-        return [(pack.rows[k], start, part) for (pack, k, start), part in zip(wanted, parts)]
+        parts = torch.cat(logits).split([len(row.input_ids) - start for row, start in wanted])
+        return [(row, start, part) for (row, start), part in zip(wanted, parts)]
 
     # ---- data parallel --------------------------------------------------------------------------------------
     def _world(self) -> tuple[int, int]:
