@@ -15,7 +15,7 @@ $(STAMP): requirements/cpu.txt pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements/cpu.txt
 	$(BIN)/pip install -q --no-deps -e .
-	$(BIN)/python -m evals.lm_eval_plugin install  # `lm_eval --model pretrain` (lm-eval has no plugin discovery)
+	$(BIN)/python -m pretrain.evals.lm_eval_plugin install  # `lm_eval --model pretrain` (lm-eval has no plugin discovery)
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: venv

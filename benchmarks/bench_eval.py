@@ -24,11 +24,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from evals.engine import Engine  # noqa: E402
-from evals.local_data import ensure_local_eval_data  # noqa: E402
-from evals.model import HFModel  # noqa: E402
-from evals.random_model import random_hf_llama  # noqa: E402
-from evals.tasks import load_task  # noqa: E402
+from pretrain.evals.engine import Engine  # noqa: E402
+from pretrain.evals.local_data import ensure_local_eval_data  # noqa: E402
+from pretrain.evals.model import HFModel  # noqa: E402
+from pretrain.evals.random_model import random_hf_llama  # noqa: E402
+from pretrain.evals.tasks import load_task  # noqa: E402
 
 
 def random_llama(out: Path, data_dir: Path) -> Path:

@@ -1,6 +1,6 @@
 """Tokenize the same ~50 MB corpus with the same sentencepiece model two ways and print them side by side:
 
-* ``pretrain prepare`` (``data.prepare.prepare``, chunked batch encoding, bounded in-flight work);
+* ``pretrain prepare`` (``pretrain.data.prepare.prepare``, chunked batch encoding, bounded in-flight work);
 * the reference: the per-document loop of Megatron-LM's ``tools/preprocess_data.py`` -
   ``multiprocessing.Pool(workers).imap(encoder.encode, fin, 32)`` where ``encode`` parses one JSON line and
   returns one Python list of ids, written document by document as ``IndexedDatasetBuilder.add_document`` does.
@@ -46,7 +46,7 @@ def build_corpus(kind: str, mb: int, cache: Path) -> Path:
         from distinct_corpus import ensure_distinct_corpus
 
         return ensure_distinct_corpus(mb, cache)
-    from data.demo_corpus import ensure_demo_corpus
+    from pretrain.data.demo_corpus import ensure_demo_corpus
 
     out = cache / f"bench_{mb}mb.jsonl"
     if not out.exists():
@@ -61,8 +61,8 @@ def build_corpus(kind: str, mb: int, cache: Path) -> Path:
 
 def build_tokenizer(corpus: Path, vocab: int, cache: Path) -> Path:
     """A BPE model trained on a ~10 MB sample of ``corpus`` itself: every k-th document."""
-    from data.corpus import CorpusReader
-    from data.tokenizer import text_lines, train_sentencepiece
+    from pretrain.data.corpus import CorpusReader
+    from pretrain.data.tokenizer import text_lines, train_sentencepiece
 
     out = cache / f"bench_bpe_{vocab}_{corpus.stem}"
     if not (out / "tokenizer.model").exists():
@@ -102,7 +102,7 @@ class Encoder:
 
 
 def run_reference(corpus: str, model: str, output: str, workers: int) -> dict:
-    from data.indexed import dtype_for_vocab, write_index
+    from pretrain.data.indexed import dtype_for_vocab, write_index
 
     encoder = Encoder(model)
     encoder.initializer()
@@ -127,7 +127,7 @@ def run_reference(corpus: str, model: str, output: str, workers: int) -> dict:
 
 
 def run_ours(corpus: str, model: str, output: str, workers: int) -> dict:
-    from data.prepare import prepare
+    from pretrain.data.prepare import prepare
 
     meta = prepare([corpus], model, output, workers=workers, append_eod=True, progress=False)
     return {"tokens": meta["tokens"]}
@@ -192,7 +192,7 @@ def main() -> None:
         _child(method, corpus, model, output, int(workers))
         return
 
-    from data.demo_corpus import cache_dir
+    from pretrain.data.demo_corpus import cache_dir
 
     cache = args.cache or cache_dir()
     corpus = build_corpus(args.corpus, args.mb, cache)

@@ -1,4 +1,4 @@
-"""Random-access reads of packed GPT samples: ours (``data.gpt_dataset``) vs ``megatron.core`` GPTDataset.
+"""Random-access reads of packed GPT samples: ours (``pretrain.data.gpt_dataset``) vs ``megatron.core`` GPTDataset.
 
 Both read the same shard with the same seed (so they serve the very same windows, which is checked), in one
 process, with a warm page cache: the number is the cost of index lookup + gather + masks per sample.
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.gpt_dataset import GPTDataset
-from data.indexed import IndexedDataset, IndexedDatasetWriter
+from pretrain.data.gpt_dataset import GPTDataset
+from pretrain.data.indexed import IndexedDataset, IndexedDatasetWriter
 
 EOD = 2
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from itertools import chain
 from pathlib import Path
 
-from data.demo_corpus import _sections, ensure_demo_corpus
+from pretrain.data.demo_corpus import _sections, ensure_demo_corpus
 
 # package -> glob of its text files, relative to the unpacked package root
 PACKAGES = {

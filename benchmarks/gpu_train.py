@@ -6,7 +6,7 @@ prints tokens/s, achieved TFLOP/s (PaLM count, ``pretrain.models.flops``), MFU a
 peak and against a measured large bf16 matmul, peak memory, host syncs per step and the step-time breakdown
 (data / forward / backward / optimizer, from CUDA events recorded by hooks: no extra syncs inside the step).
 Before timing it checks numerics: attention backends vs the fp32 reference, the bf16 loss curve vs fp32 on a
-tiny model, and DeepSpeed ZeRO-1/2 (``parallel.engine``) vs the plain engine.
+tiny model, and DeepSpeed ZeRO-1/2 (``pretrain.parallel.engine``) vs the plain engine.
 
     python benchmarks/gpu_train.py --out results.json                       # one GPU: checks + matrix
     python benchmarks/gpu_train.py --device cpu --dry-run --out dry.json    # same code path, tiny, CPU
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data.loader import collate
+from pretrain.data.loader import collate
 from pretrain.checkpoint import write_atomic
 from pretrain.config import Config, load_config
 from pretrain.engine import LocalEngine, build_engine
@@ -306,11 +306,11 @@ def check_bf16_vs_fp32(args) -> dict:
 
 
 def check_zero(args) -> dict:
-    """DeepSpeed ZeRO-1/2 on one device (``parallel.engine``) vs the plain engine: losses and grad norms."""
+    """DeepSpeed ZeRO-1/2 on one device (``pretrain.parallel.engine``) vs the plain engine: losses and grad norms."""
     try:
-        from parallel.engine import build_engine as build_parallel_engine
+        from pretrain.parallel.engine import build_engine as build_parallel_engine
     except ImportError as e:
-        return {"passed": None, "skipped": f"parallel.engine not importable: {e}"}
+        return {"passed": None, "skipped": f"pretrain.parallel.engine not importable: {e}"}
     with socket.socket() as sock:  # a one-process group on a free port
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])

@@ -102,7 +102,7 @@ def main() -> None:
         cfg = from_dict(merge(TINY, parse_overrides(extra)))
     else:
         cfg = load_config(args.config, args.overrides)
-    from parallel.engine import init_distributed
+    from pretrain.parallel.engine import init_distributed
     from pretrain.engine import build_engine, pick_device
 
     init_distributed(pick_device(cfg))

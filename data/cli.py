@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data.indexed import IndexedDataset, ShardError, merge_shards
-from data.metadata import meta_path, merge_metadata, read_metadata, verify_tokenizer, write_metadata
-from data.tokenizer import load_tokenizer
+from pretrain.data.indexed import IndexedDataset, ShardError, merge_shards
+from pretrain.data.metadata import meta_path, merge_metadata, read_metadata, verify_tokenizer, write_metadata
+from pretrain.data.tokenizer import load_tokenizer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from data.indexed import IndexedDataset
+from pretrain.data.indexed import IndexedDataset
 
 log = logging.getLogger(__name__)
 

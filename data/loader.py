@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from data.blend import BlendedDataset, samples_per_dataset, split_document_ranges
-from data.gpt_dataset import GPTDataset
-from data.indexed import IndexedDataset
-from data.metadata import meta_path, read_metadata, verify_tokenizer
-from data.sampler import DataParallelSampler
-from data.t5_dataset import T5Dataset
-from data.tokenizer import Tokenizer, load_tokenizer
+from pretrain.data.blend import BlendedDataset, samples_per_dataset, split_document_ranges
+from pretrain.data.gpt_dataset import GPTDataset
+from pretrain.data.indexed import IndexedDataset
+from pretrain.data.metadata import meta_path, read_metadata, verify_tokenizer
+from pretrain.data.sampler import DataParallelSampler
+from pretrain.data.t5_dataset import T5Dataset
+from pretrain.data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import json
 import os
 from pathlib import Path
 
-from data.indexed import ShardError
-from data.tokenizer import Tokenizer
+from pretrain.data.indexed import ShardError
+from pretrain.data.tokenizer import Tokenizer
 
 
 def meta_path(prefix: str | Path) -> Path:

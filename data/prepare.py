@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.corpus import CorpusReader, expand_inputs, input_size
-from data.indexed import IndexedDatasetWriter, dtype_for_vocab
-from data.metadata import write_metadata
-from data.tokenizer import Tokenizer, load_tokenizer
+from pretrain.data.corpus import CorpusReader, expand_inputs, input_size
+from pretrain.data.indexed import IndexedDatasetWriter, dtype_for_vocab
+from pretrain.data.metadata import write_metadata
+from pretrain.data.tokenizer import Tokenizer, load_tokenizer
 
 CHUNK_CHARS = 1 << 20  # ~1 MB of text per task: large enough to amortize IPC, small enough to bound memory
 

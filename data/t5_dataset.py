@@ -14,8 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from data.gpt_dataset import GPTDataset
-from data.indexed import IndexedDataset
+from pretrain.data.gpt_dataset import GPTDataset
+from pretrain.data.indexed import IndexedDataset
 
 
 def _noise_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
@@ -79,7 +79,7 @@ class T5Dataset:
     """Span-corrupted samples of fixed encoder/decoder length from packed chunks of a shard.
 
     Args:
-        indexed, documents, num_samples, seed, cache_dir, add_eod: as for :class:`~data.gpt_dataset.GPTDataset`
+        indexed, documents, num_samples, seed, cache_dir, add_eod: as for :class:`~pretrain.data.gpt_dataset.GPTDataset`
             (the raw chunks are packed the same way, without the extra token).
         encoder_len: encoder input length (512 in T5); the target length follows (114 for 512).
         decoder_len: pad targets to this length (loss-masked) for a rounder shape; at least the target length.

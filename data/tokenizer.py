@@ -3,7 +3,7 @@
 The shards, the datasets and the models only ever see :class:`Tokenizer`: ``encode``, ``encode_batch``
 (all threads, int32 numpy output, which avoids millions of Python ints), ``decode``, ``vocab_size``, the
 special ids, and ``identity``: a hash of the model's content, stored with every shard so a mismatching
-tokenizer is caught before training (see ``data.metadata.verify_tokenizer``).
+tokenizer is caught before training (see ``pretrain.data.metadata.verify_tokenizer``).
 
 :func:`train_sentencepiece` trains the project's own tokenizers and writes ``DIR/tokenizer.model`` plus
 ``DIR/tokenizer_meta.json`` (not ``tokenizer.json``: that name belongs to HF tokenizer files).
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import segment_cache
+from pretrain.data import segment_cache
 
 SP_MODEL = "tokenizer.model"
 META_FILE = "tokenizer_meta.json"

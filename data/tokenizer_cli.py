@@ -7,8 +7,8 @@ import sys
 
 from tqdm import tqdm
 
-from data.corpus import CorpusError, CorpusReader, expand_inputs
-from data.tokenizer import META_FILE, SP_MODEL, text_lines, train_sentencepiece
+from pretrain.data.corpus import CorpusError, CorpusReader, expand_inputs
+from pretrain.data.tokenizer import META_FILE, SP_MODEL, text_lines, train_sentencepiece
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@
 
 Under ``torchrun`` every rank scores its share of the requests (gloo on CPU, nccl on GPU); rank 0 writes.
 ``--tp``/``--pp`` split a checkpoint's model over ranks instead of loading it whole on each
-(:mod:`evals.parallel_model`); the world size must be a multiple of tp x pp.
+(:mod:`pretrain.evals.parallel_model`); the world size must be a multiple of tp x pp.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import os
 
 import torch
 
-from evals.harness import evaluate_tasks
-from evals.metrics import markdown_table, write_results
-from evals.model import load_model
+from pretrain.evals.harness import evaluate_tasks
+from pretrain.evals.metrics import markdown_table, write_results
+from pretrain.evals.model import load_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     group = None
     if args.tp * args.pp > 1:
-        from evals.parallel_model import load_sharded_model
+        from pretrain.evals.parallel_model import load_sharded_model
 
         model, group = load_sharded_model(args.checkpoint, args.tp, args.pp, args.tokenizer, args.device,
                                           args.max_length)

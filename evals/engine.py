@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from evals.model import EvalModel
+from pretrain.evals.model import EvalModel
 
 TokenPair = tuple[list[int], list[int]]
 
@@ -68,9 +68,9 @@ def longest_extensions(seqs: list[tuple]) -> dict[tuple, tuple]:
 
 
 def make_engine(model: EvalModel, **kwargs) -> "Engine":
-    """The scorer for ``model``: encoder-decoder models go through :class:`evals.seq2seq.Seq2SeqEngine`."""
+    """The scorer for ``model``: encoder-decoder models go through :class:`pretrain.evals.seq2seq.Seq2SeqEngine`."""
     if model.is_encoder_decoder:
-        from evals.seq2seq import Seq2SeqEngine
+        from pretrain.evals.seq2seq import Seq2SeqEngine
 
         return Seq2SeqEngine(model, **kwargs)
     return Engine(model, **kwargs)

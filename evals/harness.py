@@ -1,7 +1,7 @@
 """Run tasks on a model: build requests from task items, score them with the engine, compute metrics.
 
 ``evaluate_tasks`` is the single entry point for the CLI, the trainer's periodic evaluation (pass the live
-model wrapped in an :class:`~evals.model.EvalModel`) and the lm-eval comparison tests.
+model wrapped in an :class:`~pretrain.evals.model.EvalModel`) and the lm-eval comparison tests.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import string
 import time
 from pathlib import Path
 
-from evals.engine import Engine, make_engine
-from evals.metrics import aggregate
-from evals.model import EvalModel
-from evals.tasks import Task, TaskError, load_task
+from pretrain.evals.engine import Engine, make_engine
+from pretrain.evals.metrics import aggregate
+from pretrain.evals.model import EvalModel
+from pretrain.evals.tasks import Task, TaskError, load_task
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def evaluate_tasks(model: EvalModel, tasks: list[str | Task], num_fewshot: int |
                    cache_dir: str | Path | None = None, progress: bool = True,
                    log_samples: bool = False, group=None) -> dict:
     """Evaluate every task at every few-shot count (requests split over the ranks of ``group``, see
-    :class:`~evals.engine.Engine`). Returns ``{"results": [row, ...], "truncated": n, ...}``
+    :class:`~pretrain.evals.engine.Engine`). Returns ``{"results": [row, ...], "truncated": n, ...}``
     where a row is ``{"task", "num_fewshot", "n", "metrics", "stderr", "truncated"[, "samples"]}``."""
     shots = [num_fewshot] if isinstance(num_fewshot, int) else list(num_fewshot)
     loaded = [t if isinstance(t, Task) else load_task(t, include, limit, cache_dir) for t in tasks]
@@ -108,6 +108,6 @@ def _normalise(text: str, opts: dict) -> str:
 
 def scalar_metrics(results: dict, prefix: str = "eval") -> dict[str, float]:
     """Flat ``{"eval/<task>/<k>shot/<metric>": value}`` for the trainer's metric logger (every N steps it
-    wraps the live model in :class:`~evals.pretrain_model.PretrainModel` and calls :func:`evaluate_tasks`)."""
+    wraps the live model in :class:`~pretrain.evals.pretrain_model.PretrainModel` and calls :func:`evaluate_tasks`)."""
     return {f"{prefix}/{row['task']}/{row['num_fewshot']}shot/{name}": value
             for row in results["results"] for name, value in row["metrics"].items()}

@@ -6,8 +6,8 @@ module when Python starts (the Makefile does this after installing the package).
 hook: when lm-eval's registry module is first imported, ``pretrain`` is registered there as a lazy
 ``module:Class`` placeholder, so no other program imports lm-eval or torch because of it.
 
-    python -m evals.lm_eval_plugin install     # writes site-packages/pretrain_lm_eval.pth
-    python -m evals.lm_eval_plugin uninstall
+    python -m pretrain.evals.lm_eval_plugin install     # writes site-packages/pretrain_lm_eval.pth
+    python -m pretrain.evals.lm_eval_plugin uninstall
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import sys
 
 REGISTRY_MODULE = "lm_eval.api.registry"
-NAME, TARGET = "pretrain", "evals.lm_eval_plugin:PretrainLM"
+NAME, TARGET = "pretrain", "pretrain.evals.lm_eval_plugin:PretrainLM"
 PTH = "pretrain_lm_eval.pth"  # sorts after setuptools' __editable__*.pth, which puts `evals` on the path
 
 
@@ -64,7 +64,7 @@ def pth_path() -> str:
 def write_pth() -> str:
     path = pth_path()
     with open(path + ".tmp", "w") as f:
-        f.write("import evals.lm_eval_hook\n")
+        f.write("import pretrain.evals.lm_eval_hook\n")
     os.replace(path + ".tmp", path)
     return path
 

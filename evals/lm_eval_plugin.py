@@ -2,12 +2,12 @@
 checkpoints (and on any HF directory through our engine).
 
 lm-eval 0.4.13 finds models only in its registry (no entry-point discovery). After ``python -m
-evals.lm_eval_plugin install`` (the Makefile runs it; see :mod:`evals.lm_eval_hook`) the plain command works::
+evals.lm_eval_plugin install`` (the Makefile runs it; see :mod:`pretrain.evals.lm_eval_hook`) the plain command works::
 
     lm_eval --model pretrain --model_args checkpoint=CKPT_DIR --tasks hellaswag
     lm_eval --model pretrain --model_args hf=HF_DIR --batch_size 32 --tasks ...
 
-Without it, ``lm-eval-pretrain`` (or ``python -m evals.lm_eval_plugin``) is lm-eval's command with the model
+Without it, ``lm-eval-pretrain`` (or ``python -m pretrain.evals.lm_eval_plugin``) is lm-eval's command with the model
 registered, and from Python ``import evals.lm_eval_plugin`` before ``lm_eval.simple_evaluate(model="pretrain")``.
 ``model_args``: ``checkpoint`` or ``hf``, optional ``tokenizer``, ``max_length``, ``device``.
 """
@@ -18,8 +18,8 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from evals.engine import make_engine
-from evals.model import EvalModel, load_model
+from pretrain.evals.engine import make_engine
+from pretrain.evals.model import EvalModel, load_model
 
 
 class PretrainLM(LM):
@@ -63,7 +63,7 @@ def main() -> None:
     ``install`` / ``uninstall`` of the hook that registers it for the plain ``lm_eval`` command."""
     import sys
 
-    from evals import lm_eval_hook
+    from pretrain.evals import lm_eval_hook
 
     if sys.argv[1:] == ["install"]:
         print(f"wrote {lm_eval_hook.write_pth()}: `lm_eval --model {lm_eval_hook.NAME}` now finds our model")
@@ -76,8 +76,8 @@ def main() -> None:
     cli_evaluate()
 
 
-if __name__ == "__main__":  # `python -m evals.lm_eval_plugin ...`: register the importable class, not this copy
-    import evals.lm_eval_plugin as plugin
+if __name__ == "__main__":  # `python -m pretrain.evals.lm_eval_plugin ...`: register the importable class, not this copy
+    import pretrain.evals.lm_eval_plugin as plugin
 
     plugin.main()
 else:

@@ -23,7 +23,7 @@ class EvalModel:
     """What the scoring engine needs from a model: tokenizer calls, ``logits`` and ``greedy_generate``;
     ``packed_logits`` only where ``supports_packing``. Encoder-decoder models
     (``is_encoder_decoder``) provide ``seq2seq_logits`` instead of ``logits`` and are scored by
-    :mod:`evals.seq2seq` (the context is the encoder input, the continuation the decoder's target)."""
+    :mod:`pretrain.evals.seq2seq` (the context is the encoder input, the continuation the decoder's target)."""
 
     max_length: int          # tokens the model attends over (encoder-decoder: per encoder input and target)
     prefix_token_id: int     # conditions the first token of an empty context / rolling window
@@ -161,7 +161,7 @@ class HFModel(EvalModel):
 
 class HFSeq2SeqModel(HFModel):
     """A ``transformers`` encoder-decoder LM (T5, Switch Transformers) plus its tokenizer, scored by
-    :mod:`evals.seq2seq`; generation decodes on the model's KV cache, the encoder runs once."""
+    :mod:`pretrain.evals.seq2seq`; generation decodes on the model's KV cache, the encoder runs once."""
 
     auto_class = "AutoModelForSeq2SeqLM"
     is_encoder_decoder = True
@@ -243,6 +243,6 @@ def load_model(checkpoint: str | None = None, hf: str | None = None, tokenizer: 
 
         seq2seq = Path(hf, "config.json").is_file() and AutoConfig.from_pretrained(hf).is_encoder_decoder
         return (HFSeq2SeqModel if seq2seq else HFModel).from_pretrained(hf, device=device, max_length=max_length)
-    from evals.pretrain_model import load_checkpoint_model
+    from pretrain.evals.pretrain_model import load_checkpoint_model
 
     return load_checkpoint_model(checkpoint, tokenizer, device=device, max_length=max_length)

@@ -1,4 +1,4 @@
-"""Evaluation with the model split over ranks: tensor parallel (megatron-core layers, ``parallel.tensor``),
+"""Evaluation with the model split over ranks: tensor parallel (megatron-core layers, ``pretrain.parallel.tensor``),
 pipeline parallel (GPT stages pass hidden states rank to rank), data parallel over the remaining ranks.
 
 For checkpoints too large for one device, or to evaluate in a training layout::
@@ -7,7 +7,7 @@ For checkpoints too large for one device, or to evaluate in a training layout::
 
 Each rank builds only its part of the model and takes its pieces of a checkpoint saved under any layout
 (``pretrain.reshard``). The ranks of one model replica score the same requests; the replicas (the
-data-parallel group) split them, as in :class:`evals.engine.Engine`. A pipeline runs one batch at a time
+data-parallel group) split them, as in :class:`pretrain.evals.engine.Engine`. A pipeline runs one batch at a time
 through its stages (evaluation batches are small, and the scorer needs a batch's logits before it builds the
 next one); the last stage broadcasts the scored positions' logits, so every rank returns the same numbers.
 """
@@ -20,11 +20,11 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from evals.pretrain_model import PretrainModel, checkpoint_tokenizer
+from pretrain.evals.pretrain_model import PretrainModel, checkpoint_tokenizer
 
 
 class PipelineModel(PretrainModel):
-    """One pipeline stage of a GPT (``parallel.pipeline.GPTStage``) behind :class:`EvalModel`."""
+    """One pipeline stage of a GPT (``pretrain.parallel.pipeline.GPTStage``) behind :class:`EvalModel`."""
 
     supports_packing = False  # stages take no attention mask
 
@@ -73,8 +73,8 @@ def load_sharded_model(path: str | Path, tp: int = 1, pp: int = 1, tokenizer: st
                        device: str = "cpu", max_length: int | None = None) -> tuple[PretrainModel, object]:
     """This rank's part of checkpoint ``path`` in a ``tp`` x ``pp`` layout (data parallel over the rest of the
     world) and the data-parallel process group to split requests over. Every rank calls it."""
-    from parallel.engine import layer_factory
-    from parallel.mesh import Layout, Mesh
+    from pretrain.parallel.engine import layer_factory
+    from pretrain.parallel.mesh import Layout, Mesh
     from pretrain import reshard
     from pretrain.hf.export import model_config
     from pretrain.models import build_model
@@ -92,7 +92,7 @@ def load_sharded_model(path: str | Path, tp: int = 1, pp: int = 1, tokenizer: st
     if pp == 1:
         reshard.load_into(SimpleNamespace(model=model, mesh=mesh), state, optimizer=False)
         return PretrainModel(model.eval(), tok, max_length, bos, eos), mesh.group("dp")
-    from parallel.pipeline import split_model, StageList
+    from pretrain.parallel.pipeline import split_model, StageList
 
     stage = split_model(model, [mesh.pp_rank], pp)[0]
     reshard.load_into(SimpleNamespace(model=StageList([stage]), mesh=mesh), state, optimizer=False)

@@ -8,7 +8,7 @@ tokenizer adds no BOS either, so both give the same numbers. An imported HF mode
 Logits come from ``model.hidden`` + ``model.head`` on the scored positions only; under tensor parallelism
 ``gather_logits`` assembles the full vocabulary.
 
-A T5 (``encode``/``decode``) is an encoder-decoder model for :mod:`evals.seq2seq`: the encoder runs once per
+A T5 (``encode``/``decode``) is an encoder-decoder model for :mod:`pretrain.evals.seq2seq`: the encoder runs once per
 distinct context, the decoder on the continuations; generation recomputes the decoder per step (our T5 has
 no KV cache; the encoder output is reused). T5's relative positions have no length limit, so ``max_length``
 defaults to lm-eval's 2048, what lm-eval resolves for the exported model (no ``n_positions``). Switch layers
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from evals.model import DEFAULT_MAX_LENGTH, EvalModel, head_on_rows, packed_mask, rows_logits
+from pretrain.evals.model import DEFAULT_MAX_LENGTH, EvalModel, head_on_rows, packed_mask, rows_logits
 
 
 class PretrainModel(EvalModel):
@@ -132,7 +132,7 @@ class PretrainModel(EvalModel):
 def load_checkpoint_model(path: str | Path, tokenizer: str | Path | None = None,
                           device: str = "cpu", max_length: int | None = None) -> PretrainModel:
     """A checkpoint (``DIR/step_N`` or a root with ``latest``, saved under any layout) as an EvalModel.
-    The tokenizer defaults to the one the training config names (``data.tokenizer``); BOS/EOS ids recorded by
+    The tokenizer defaults to the one the training config names (``pretrain.data.tokenizer``); BOS/EOS ids recorded by
     ``pretrain import`` (``hf_token_ids``) override the tokenizer's guesses."""
     from pretrain.hf.export import load_model_state
     from pretrain.models import build_model
@@ -147,8 +147,8 @@ def load_checkpoint_model(path: str | Path, tokenizer: str | Path | None = None,
 
 def checkpoint_tokenizer(meta: dict, step_dir: Path, tokenizer: str | Path | None = None) -> tuple:
     """``(tokenizer, BOS id or None, EOS id or None)`` for a checkpoint: ``tokenizer``, else the training
-    config's ``data.tokenizer``; ids recorded by ``pretrain import`` override the tokenizer's guesses."""
-    from data.tokenizer import load_tokenizer
+    config's ``pretrain.data.tokenizer``; ids recorded by ``pretrain import`` override the tokenizer's guesses."""
+    from pretrain.data.tokenizer import load_tokenizer
 
     tok_path = tokenizer or meta["config"].get("data", {}).get("tokenizer")
     if not tok_path:

@@ -16,7 +16,7 @@ Conventions are lm-evaluation-harness's ``hf`` backend with ``backend="seq2seq"`
   size 1; lm-eval's bound grows with the batch's padded prompt width). We generate up to that many, so the
   text cut at the first stop string is the same.
 
-As in :class:`~evals.engine.Engine`, rows are batched only with rows of the same padded widths (numbers do not
+As in :class:`~pretrain.evals.engine.Engine`, rows are batched only with rows of the same padded widths (numbers do not
 depend on the batch size), a request whose decoder input is a prefix of another's with the same encoder input
 reads its scores from that row (MMLU-style one-token answers share one decoder row), and each distinct encoder
 input runs once per batch (multiple-choice endings of one context share the encoder pass).
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from evals.engine import Engine, TokenPair, _bucket, _pad, _read, longest_extensions, move_trailing_space
+from pretrain.evals.engine import Engine, TokenPair, _bucket, _pad, _read, longest_extensions, move_trailing_space
 
 
 @dataclass
@@ -41,7 +41,7 @@ class _Pair:
 
 
 class Seq2SeqEngine(Engine):
-    """:class:`~evals.engine.Engine` for models with ``is_encoder_decoder`` (same public methods)."""
+    """:class:`~pretrain.evals.engine.Engine` for models with ``is_encoder_decoder`` (same public methods)."""
 
     def encode_pairs(self, pairs: list[tuple[str, str]]) -> list[TokenPair]:
         moved = [move_trailing_space(ctx, cont) for ctx, cont in pairs]

@@ -2,7 +2,7 @@
 
 A task names its data (``dataset_path``: ``json``/``csv``/``parquet`` with ``dataset_kwargs.data_files``, a
 directory written by ``datasets.save_to_disk``, a Hugging Face dataset name, or ``local_data: NAME`` for the
-offline sets built by :mod:`evals.local_data`), a split, Jinja2 prompt templates (``doc_to_text``,
+offline sets built by :mod:`pretrain.evals.local_data`), a split, Jinja2 prompt templates (``doc_to_text``,
 ``doc_to_target``, ``doc_to_choice``; a bare column name selects that column, as in lm-eval), an
 ``output_type`` and its ``metric_list``. Everything that can be checked before scoring is checked here, so
 bad input fails with the file and key named instead of deep inside the scorer.
@@ -200,7 +200,7 @@ def validate_config(cfg: Any, source: str) -> dict:
 def load_split(cfg: dict, split: str, path: Path, cache_dir: str | Path | None = None) -> list[dict]:
     """Rows of one split as plain dicts."""
     if "local_data" in cfg:
-        from evals.local_data import ensure_local_eval_data
+        from pretrain.evals.local_data import ensure_local_eval_data
 
         files = {split: ensure_local_eval_data(cache_dir) / f"{cfg['local_data']}.jsonl"}
         kind = "json"

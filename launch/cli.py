@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch import slurm
+from pretrain.launch import slurm
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,7 +78,7 @@ def _job(args: argparse.Namespace) -> slurm.SlurmJob:
 def run(args: argparse.Namespace) -> int:
     try:
         if args.mode == "local":
-            from launch.local import run_local
+            from pretrain.launch.local import run_local
 
             run_local(args.nproc, _command(args))  # replaces this process
         if args.mode == "slurm":

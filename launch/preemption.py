@@ -11,7 +11,7 @@ The trainer (``pretrain/train.py``) uses it as::
     ...                                        # after each step: agree across ranks, save, exit 75
     handler.requeue_if_slurm()                 # no-op unless under Slurm (and not done by the job script)
 
-``python -m launch.preemption requeue`` is what the job script runs once all ranks have exited.
+``python -m pretrain.launch.preemption requeue`` is what the job script runs once all ranks have exited.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Callable
 
-from launch.env import detect
+from pretrain.launch.env import detect
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped with a checkpoint on request; run me again to resume
 HUNG_EXIT_CODE = 124  # the watchdog saw no progress (as coreutils `timeout` reports)
@@ -173,7 +173,7 @@ class Watchdog:
 
 def main(argv: list[str]) -> int:
     if argv != ["requeue"]:
-        print("usage: python -m launch.preemption requeue", file=sys.stderr)
+        print("usage: python -m pretrain.launch.preemption requeue", file=sys.stderr)
         return 2
     return 0 if requeue() else 1
 

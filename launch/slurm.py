@@ -120,7 +120,7 @@ while kill -0 $srun_pid 2>/dev/null; do wait $srun_pid; rc=$?; done  # a trapped
 if [ $preempted = 1 ] && [ $rc != 0 ]; then
   # the trainer exits 75 after its checkpoint (torchrun reports that as a failure: expected here)
   echo "[pretrain] $(date +%T) stopped at the time-limit warning; requeueing to resume from the checkpoint"
-  "$PYTHON" -m launch.preemption requeue && exit 0   # at most PRETRAIN_REQUEUE_LIMIT times
+  "$PYTHON" -m pretrain.launch.preemption requeue && exit 0   # at most PRETRAIN_REQUEUE_LIMIT times
 fi
 echo "[pretrain] $(date +%T) job $SLURM_JOB_ID finished with exit code $rc"
 exit $rc

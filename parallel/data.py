@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from parallel.mesh import Mesh
+from pretrain.parallel.mesh import Mesh
 from pretrain.config import Config
 from pretrain.engine import Engine, move
 from pretrain.optim import build_optimizer
@@ -39,7 +39,7 @@ class DataParallelEngine(Engine):
         self.dp_rank, self.dp_size, self.dp_group = mesh.dp_rank, mesh.layout.dp, mesh.group("dp")
         self.model_parallel_size = mesh.layout.tp * mesh.layout.pp
         if mesh.layout.tp > 1:
-            from parallel.tensor import register_sequence_parallel_grad_hooks
+            from pretrain.parallel.tensor import register_sequence_parallel_grad_hooks
 
             register_sequence_parallel_grad_hooks(model, mesh.group("tp"))
         self.optimizers = self._build_optimizers(build_optimizer(model, cfg.optimizer), cfg.parallel.zero)

@@ -1,14 +1,14 @@
 """Parallel engines: ``build_engine(cfg)`` picks :class:`DeepSpeedEngine` (ZeRO 0-3 data parallelism around a
-tensor/sequence-parallel model), with ``pp > 1`` :class:`parallel.pipeline.PipelineEngine`, otherwise with
-``ep > 1`` :class:`parallel.data.DataParallelEngine`; with ``ep > 1`` the model's Switch experts are sharded first
-(:mod:`parallel.expert`).
+tensor/sequence-parallel model), with ``pp > 1`` :class:`pretrain.parallel.pipeline.PipelineEngine`, otherwise with
+``ep > 1`` :class:`pretrain.parallel.data.DataParallelEngine`; with ``ep > 1`` the model's Switch experts are sharded first
+(:mod:`pretrain.parallel.expert`).
 
 Same interface as :class:`pretrain.engine.LocalEngine` (``train_step(micro_batches, lr)`` and friends), so the
 trainer does not know the layout. What this adds:
 
-* the :class:`~parallel.mesh.Mesh` and DeepSpeed's ``mpu`` view of it (data-parallel averaging only over the
+* the :class:`~pretrain.parallel.mesh.Mesh` and DeepSpeed's ``mpu`` view of it (data-parallel averaging only over the
   data group, tensor-sharded parameters counted once per shard in the gradient norm);
-* a :class:`~parallel.tensor.TensorParallelLayers` factory for the model when ``tp > 1``, with the
+* a :class:`~pretrain.parallel.tensor.TensorParallelLayers` factory for the model when ``tp > 1``, with the
   sequence-parallel gradient all-reduce hooked in before ZeRO takes the gradients;
 * the same loss as the local engine: LM loss averaged per token over the global batch, auxiliary losses
   averaged over micro-batches (so every layout computes the same number from the same data).
@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from parallel.mesh import DeepSpeedMPU, Layout, Mesh
-from parallel.validate import validate_layout
-from parallel.zero import load_model_state, load_optimizer_state, model_state, optimizer_state
+from pretrain.parallel.mesh import DeepSpeedMPU, Layout, Mesh
+from pretrain.parallel.validate import validate_layout
+from pretrain.parallel.zero import load_model_state, load_optimizer_state, model_state, optimizer_state
 from pretrain.config import Config
 from pretrain.engine import Engine, move, pick_device
 from pretrain.models import build_model
@@ -48,7 +48,7 @@ def init_distributed(device: torch.device) -> None:
 def layer_factory(mesh: Mesh, sequence_parallel: bool) -> LayerFactory:
     if mesh.layout.tp == 1:
         return LocalLayers()
-    from parallel.tensor import TensorParallelLayers  # megatron-core: imported only when needed
+    from pretrain.parallel.tensor import TensorParallelLayers  # megatron-core: imported only when needed
 
     return TensorParallelLayers(mesh.group("tp"), sequence_parallel)
 
@@ -81,7 +81,7 @@ class DeepSpeedEngine(Engine):
         self.dp_rank, self.dp_size, self.dp_group = mesh.dp_rank, mesh.layout.dp, mesh.group("dp")
         self.model_parallel_size = mesh.layout.tp * mesh.layout.pp
         if mesh.layout.tp > 1:
-            from parallel.tensor import register_sequence_parallel_grad_hooks
+            from pretrain.parallel.tensor import register_sequence_parallel_grad_hooks
 
             register_sequence_parallel_grad_hooks(model, mesh.group("tp"))
         t = cfg.train
@@ -179,15 +179,15 @@ def build_engine(cfg: Config) -> Engine:
     torch.manual_seed(cfg.train.seed)  # the same full draw on every rank; each keeps its shard
     model = build_model(cfg.family, cfg.model, layer_factory(mesh, p.sp)).to(device)
     if p.ep > 1:  # expert gradients need their own reduction group: our data-parallel step, not DeepSpeed's
-        from parallel.expert import shard_experts
+        from pretrain.parallel.expert import shard_experts
 
         shard_experts(model, mesh.group("ep"))
     if p.pp > 1:
-        from parallel.pipeline import PipelineEngine
+        from pretrain.parallel.pipeline import PipelineEngine
 
         return PipelineEngine(cfg, model, mesh, device)
     if p.ep > 1:
-        from parallel.data import DataParallelEngine
+        from pretrain.parallel.data import DataParallelEngine
 
         return DataParallelEngine(cfg, model, mesh, device)
     return DeepSpeedEngine(cfg, model, mesh, device)

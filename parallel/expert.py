@@ -4,7 +4,7 @@ Routing, capacity and dropping stay local and unchanged (:class:`~pretrain.model
 the ``[experts, capacity, dim]`` buffer exactly as one process would for the same micro-batch); only the buffer
 moves: an all-to-all sends each expert's slots to the rank owning it and another brings the outputs back.
 Both are autograd-aware, so expert gradients arrive on the owner. Expert parameters are marked
-``expert_parallel`` and reduced over the expert-data-parallel group only (:mod:`parallel.data`).
+``expert_parallel`` and reduced over the expert-data-parallel group only (:mod:`pretrain.parallel.data`).
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
-from parallel.data import DataParallelEngine
-from parallel.mesh import Mesh
+from pretrain.parallel.data import DataParallelEngine
+from pretrain.parallel.mesh import Mesh
 from pretrain.config import Config
 from pretrain.models.t5.model import T5Context
 

@@ -14,17 +14,17 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pretrain.demo", "end-to-end demo: corpus -> tokenizer -> shards -> train -> eval -> export"),
-    "tokenizer": ("data.tokenizer_cli", "train a sentencepiece tokenizer"),
-    "prepare": ("data.prepare", "tokenize corpora into Megatron .bin/.idx shards"),
-    "data": ("data.cli", "inspect or merge tokenized shards"),
+    "tokenizer": ("pretrain.data.tokenizer_cli", "train a sentencepiece tokenizer"),
+    "prepare": ("pretrain.data.prepare", "tokenize corpora into Megatron .bin/.idx shards"),
+    "data": ("pretrain.data.cli", "inspect or merge tokenized shards"),
     "train": ("pretrain.train", "train a model from a YAML config"),
     "schedule": ("pretrain.schedule_cli", "plot the LR and batch-size schedule of a config"),
     "plot": ("pretrain.plot", "plot loss/LR/throughput curves of a run"),
     "ckpt": ("pretrain.ckpt_cli", "inspect or consolidate checkpoints"),
     "export": ("pretrain.hf.export", "export a checkpoint to a Hugging Face model directory"),
     "import": ("pretrain.hf.importer", "import a Hugging Face model as a checkpoint"),
-    "eval": ("evals.cli", "zero/few-shot evaluation of a checkpoint or HF model"),
-    "launch": ("launch.cli", "launch training locally (torchrun) or on Slurm"),
+    "eval": ("pretrain.evals.cli", "zero/few-shot evaluation of a checkpoint or HF model"),
+    "launch": ("pretrain.launch.cli", "launch training locally (torchrun) or on Slurm"),
 }
 
 

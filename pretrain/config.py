@@ -132,7 +132,7 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
-    """Layout schema; ``parallel.validate`` checks combinations in depth when present."""
+    """Layout schema; ``pretrain.parallel.validate`` checks combinations in depth when present."""
 
     tp: int = 1
     pp: int = 1
@@ -279,7 +279,7 @@ def build_model_config(family: str, values: dict) -> Any:
 
 
 def validate(cfg: Config) -> None:
-    """Ranges and cross-section checks; deep parallel-layout checks live in ``parallel.validate``."""
+    """Ranges and cross-section checks; deep parallel-layout checks live in ``pretrain.parallel.validate``."""
     t, s, o, p = cfg.train, cfg.schedule, cfg.optimizer, cfg.parallel
 
     def need(ok: bool, msg: str) -> None:
@@ -332,7 +332,7 @@ def validate(cfg: Config) -> None:
     if t.eval_tasks:
         _validate_eval_tasks(cfg, need)
     try:
-        deep = importlib.import_module("parallel.validate")
+        deep = importlib.import_module("pretrain.parallel.validate")
     except ModuleNotFoundError:
         return
     deep.validate(cfg)
@@ -350,7 +350,7 @@ def _validate_eval_tasks(cfg: Config, need) -> None:
          f"train.eval_tasks scores the live model, which needs parallel.ep=1, zero<3 and, with pp>1, a GPT "
          f"without interleaving (got family={cfg.family}, pp={p.pp}, vpp={p.vpp}, ep={p.ep}, zero={p.zero}); "
          "drop train.eval_tasks and run `pretrain eval --checkpoint` on the saved checkpoints instead")
-    from evals.tasks import TaskError, task_path
+    from pretrain.evals.tasks import TaskError, task_path
 
     for name in t.eval_tasks:
         try:

@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_tokenizer(corpus: Path, out: Path) -> Path:
-    from data.corpus import CorpusReader
-    from data.tokenizer import text_lines, train_sentencepiece
+    from pretrain.data.corpus import CorpusReader
+    from pretrain.data.tokenizer import text_lines, train_sentencepiece
 
     model = out / "tokenizer" / "tokenizer.model"
     if not model.exists():
@@ -44,7 +44,7 @@ def build_tokenizer(corpus: Path, out: Path) -> Path:
 
 
 def build_shards(corpus: Path, tokenizer: Path, out: Path) -> str:
-    from data.prepare import prepare
+    from pretrain.data.prepare import prepare
 
     prefix = out / "data" / "demo_text_document"
     if not Path(f"{prefix}.json").exists():
@@ -55,7 +55,7 @@ def build_shards(corpus: Path, tokenizer: Path, out: Path) -> str:
 
 def unigram_entropy(prefix: str) -> float:
     """Entropy (nats/token) of the corpus's token frequencies: the loss of the best context-free model."""
-    from data.indexed import IndexedDataset
+    from pretrain.data.indexed import IndexedDataset
 
     tokens = np.fromfile(f"{prefix}.bin", dtype=IndexedDataset(prefix).dtype)
     counts = np.bincount(tokens)
@@ -100,9 +100,9 @@ def report(cfg, entropy: float) -> int:
 
 def evaluate(cfg, out: Path):
     """Zero-shot table of the trained checkpoint on the local tasks; returns the loaded model."""
-    from evals.harness import evaluate_tasks
-    from evals.metrics import markdown_table, write_results
-    from evals.model import load_model
+    from pretrain.evals.harness import evaluate_tasks
+    from pretrain.evals.metrics import markdown_table, write_results
+    from pretrain.evals.model import load_model
 
     print(f"\n[demo] zero-shot evaluation on {', '.join(EVAL_TASKS)} (first {EVAL_LIMIT} items each)", flush=True)
     model = load_model(checkpoint=cfg.checkpoint.dir)
@@ -139,7 +139,7 @@ def export_hf(cfg, out: Path, model) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data.demo_corpus import ensure_demo_corpus
+    from pretrain.data.demo_corpus import ensure_demo_corpus
 
     start = time.time()
     out = Path(args.out).resolve()

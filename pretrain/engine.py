@@ -1,7 +1,7 @@
 """Engines: who owns the model and optimizer and turns micro-batches into one optimizer step.
 
 The trainer only talks to the :class:`Engine` interface, so parallel layouts (DeepSpeed ZeRO, pipelines,
-tensor parallelism; ``parallel.engine.build_engine``) plug in without touching the loop.
+tensor parallelism; ``pretrain.parallel.engine.build_engine``) plug in without touching the loop.
 :class:`LocalEngine` is plain torch: one process, or plain data parallelism (gradients all-reduced over the
 default process group when it is initialised).
 """
@@ -152,7 +152,7 @@ def pick_device(cfg: Config) -> torch.device:
 def build_engine(cfg: Config) -> Engine:
     """The one place that picks an engine: ``parallel``'s for non-trivial layouts, else :class:`LocalEngine`."""
     if is_parallel(cfg):
-        from parallel.engine import build_engine as build_parallel_engine
+        from pretrain.parallel.engine import build_engine as build_parallel_engine
 
         return build_parallel_engine(cfg)
     from pretrain.models import build_model

@@ -84,7 +84,7 @@ def peak_flops(device: torch.device) -> float:
     """
     if device.type == "cuda":
         return gpu_peak_flops(torch.cuda.get_device_name(device))
-    from data.demo_corpus import cache_dir  # $PRETRAIN_CACHE or ~/.cache/pretrain
+    from pretrain.data.demo_corpus import cache_dir  # $PRETRAIN_CACHE or ~/.cache/pretrain
 
     cache = cache_dir() / "cpu_peak_flops.json"
     key = f"{platform.node()}|{platform.machine()}|{torch.get_num_threads()}"

@@ -6,7 +6,7 @@ What a checkpoint needs so that any layout can read it (on top of :mod:`pretrain
   dtype and how it is split: ``tp_dim``/``tp_stride`` (tensor parallel, megatron's ``partition_dim`` /
   ``partition_stride``), ``ep_dim`` (expert parallel, experts along dim 0), plus which tensors each rank
   wrote (pipeline stages own disjoint sets). A rank's coordinates follow from the layout
-  (:meth:`parallel.mesh.Layout.coords`), so a piece is identified by ``(tp_rank, ep_rank)``.
+  (:meth:`pretrain.parallel.mesh.Layout.coords`), so a piece is identified by ``(tp_rank, ep_rank)``.
 * ``state["portable"]`` (:func:`optimizer_moments`): Adam's ``exp_avg`` / ``exp_avg_sq`` per parameter, in the
   same shape as the rank's model tensor (whatever ZeRO did to them) plus the optimizer step. The engines'
   native optimizer states (flat ZeRO partitions, ``ZeroRedundancyOptimizer`` shards) only load under the
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-from parallel.mesh import Layout
+from pretrain.parallel.mesh import Layout
 from pretrain import checkpoint as ckpt
 from pretrain.checkpoint import CheckpointError
 
@@ -64,7 +64,7 @@ def _layout(engine) -> dict[str, int]:
 
 
 def _coords(layout: dict[str, int], rank: int) -> tuple[int, int]:
-    """``(tp_rank, ep_rank)`` of a global rank, as :class:`parallel.mesh.Mesh` assigns them."""
+    """``(tp_rank, ep_rank)`` of a global rank, as :class:`pretrain.parallel.mesh.Mesh` assigns them."""
     _, dp_rank, tp_rank = Layout(**layout).coords(rank)
     return tp_rank, dp_rank % layout["ep"]
 
@@ -232,7 +232,7 @@ def _set_zero_state(engine, zero, model: dict[str, torch.Tensor], moments: dict 
 # Consolidation: every rank's pieces -> full tensors
 
 def _merge_tp(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
-    """Inverse of :func:`parallel.tensor.shard` over all ranks' slices (rank order)."""
+    """Inverse of :func:`pretrain.parallel.tensor.shard` over all ranks' slices (rank order)."""
     per_rank = [p.chunk(stride, dim) for p in parts]
     return torch.cat([torch.cat([r[s] for r in per_rank], dim) for s in range(stride)], dim)
 
@@ -375,7 +375,7 @@ def reshard(full: dict[str, torch.Tensor], index: Index, layout: dict[str, int],
     """This rank's tensors under ``layout`` from full ones; ``index`` is the target rank's
     :func:`local_index` (which tensors it holds and how they are split). ``aliases`` maps a tied name to the
     name it shares storage with (a checkpoint of a tensor-parallel run stores a tied head once)."""
-    from parallel.tensor import shard  # the cut the tensor-parallel layers make
+    from pretrain.parallel.tensor import shard  # the cut the tensor-parallel layers make
 
     tp_rank, ep_rank = _coords(layout, rank)
     out = {}
@@ -438,7 +438,7 @@ def load_into(engine, state: Consolidated, optimizer: bool = True) -> None:
     _check_all_used(state, {aliases.get(n, n) for n in index} | set(index))
     ds = getattr(engine, "ds", None)
     if ds is not None:
-        from parallel.zero import load_model_state
+        from pretrain.parallel.zero import load_model_state
 
         load_model_state(ds, model)
     else:

@@ -13,7 +13,7 @@ so resuming a run needs only those two numbers.
   decay over the last ``decay_fraction`` of training).
 * **Batch ramp-up** (GPT-3, Megatron's ``--rampup-batch-size start increment samples``): the global batch
   starts at ``start`` and grows by ``increment`` every ``samples / num_increments`` consumed samples
-  (:func:`data.sampler.ramp_up`, shared with the data sampler).
+  (:func:`pretrain.data.sampler.ramp_up`, shared with the data sampler).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from data.sampler import ramp_up
+from pretrain.data.sampler import ramp_up
 
 if TYPE_CHECKING:
     from pretrain.config import Config

@@ -33,8 +33,8 @@ def setup_logging(rank: int) -> None:
 
 def build_datasets(cfg: Config):
     """(train, valid) datasets sized for the whole run (``valid`` is None without validation data)."""
-    from data.loader import build_train_valid_datasets
-    from data.tokenizer import load_tokenizer
+    from pretrain.data.loader import build_train_valid_datasets
+    from pretrain.data.tokenizer import load_tokenizer
     from pretrain.schedule import Schedule
 
     tokenizer = load_tokenizer(cfg.data.tokenizer, num_threads=1) if cfg.data.tokenizer else None
@@ -50,7 +50,7 @@ def build_datasets(cfg: Config):
 
 def install_stop_handler():
     """SIGUSR1/SIGTERM (or the launcher's stop file) -> the trainer's stop flag; returns (flag, handler)."""
-    from launch.preemption import install
+    from pretrain.launch.preemption import install
 
     stop = StopFlag()
     return stop, install(stop.request)
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"pretrain train: config error: {e}", file=sys.stderr)
         return 2
-    from launch.env import init_distributed
+    from pretrain.launch.env import init_distributed
 
     denv = init_distributed()
     setup_logging(denv.rank)

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.loader import build_dataloader, collate
-from data.sampler import DataParallelSampler
-from launch.preemption import PREEMPTED_EXIT_CODE, Watchdog
+from pretrain.data.loader import build_dataloader, collate
+from pretrain.data.sampler import DataParallelSampler
+from pretrain.launch.preemption import PREEMPTED_EXIT_CODE, Watchdog
 from pretrain import checkpoint as ckpt
 from pretrain import reshard
 from pretrain.config import Config
@@ -36,7 +36,7 @@ EXIT_NONFINITE = 3  # too many non-finite steps in a row (a checkpoint of the la
 
 
 class StopFlag:
-    """Set by the launcher's preemption handler (``launch.preemption``) or any caller; the loop then finishes
+    """Set by the launcher's preemption handler (``pretrain.launch.preemption``) or any caller; the loop then finishes
     the current step, saves a checkpoint and returns :data:`EXIT_PREEMPTED`."""
 
     def __init__(self) -> None:
@@ -167,17 +167,17 @@ class Trainer:
 
     def evaluate_tasks(self) -> dict[str, float]:
         """Scores of the live model on ``train.eval_tasks``: ``{"eval/<task>/<k>shot/<metric>": value}``."""
-        from evals.harness import evaluate_tasks, scalar_metrics
-        from evals.pretrain_model import PretrainModel
+        from pretrain.evals.harness import evaluate_tasks, scalar_metrics
+        from pretrain.evals.pretrain_model import PretrainModel
 
         t = self.cfg.train
         if self._eval_model is None:
-            from data.tokenizer import load_tokenizer
+            from pretrain.data.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(self.cfg.data.tokenizer)
             stages = getattr(self.engine, "stages", None)
             if stages:  # pipeline parallel: this rank's stage, hidden states passed rank to rank
-                from evals.parallel_model import PipelineModel
+                from pretrain.evals.parallel_model import PipelineModel
 
                 self._eval_model = PipelineModel(stages[0].whole_model, stages[0], self.engine.mesh, tokenizer)
             else:

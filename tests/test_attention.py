@@ -72,7 +72,7 @@ def test_document_mask_equals_separate_documents():
 def test_explicit_mask_packs_continuations_after_a_shared_context():
     """A tree mask (context 0-3, then branches 4-7 and 8-11 seeing the context and themselves) gives each
     branch what it gets right after the context alone, with the positions of its own sequence."""
-    from evals.model import packed_mask
+    from pretrain.evals.model import packed_mask
 
     q, k, v = _qkv(4)
     seg = torch.tensor([[0] * 4 + [1] * 4 + [2] * 4] * B)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import data.blend as blend
-from data.blend import BlendedDataset, build_blending_indices, split_document_ranges
-from data.indexed import IndexedDataset, IndexedDatasetWriter, ShardError
-from data.loader import build_dataloader, build_train_valid_datasets, parse_blend
-from data.sampler import DataParallelSampler
+import pretrain.data.blend as blend
+from pretrain.data.blend import BlendedDataset, build_blending_indices, split_document_ranges
+from pretrain.data.indexed import IndexedDataset, IndexedDatasetWriter, ShardError
+from pretrain.data.loader import build_dataloader, build_train_valid_datasets, parse_blend
+from pretrain.data.sampler import DataParallelSampler
 
 
 def test_blend_proportions_are_exact_at_every_prefix():

@@ -17,12 +17,12 @@ import yaml
 
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
-from evals.engine import Engine, rolling_windows  # noqa: E402
-from evals.harness import evaluate_tasks  # noqa: E402
-from evals.local_data import ensure_local_eval_data  # noqa: E402
-from evals.model import HFModel  # noqa: E402
-from evals.random_model import random_hf_llama  # noqa: E402
-from evals.tasks import TaskError, load_task  # noqa: E402
+from pretrain.evals.engine import Engine, rolling_windows  # noqa: E402
+from pretrain.evals.harness import evaluate_tasks  # noqa: E402
+from pretrain.evals.local_data import ensure_local_eval_data  # noqa: E402
+from pretrain.evals.model import HFModel  # noqa: E402
+from pretrain.evals.random_model import random_hf_llama  # noqa: E402
+from pretrain.evals.tasks import TaskError, load_task  # noqa: E402
 
 TASKS = ["kjv_cont", "kjv_lastword", "kjv_ppl", "kjv_cont_long"]
 LIMITS = {"kjv_cont": 16, "kjv_lastword": 16, "kjv_ppl": 3, "kjv_cont_long": 8}
@@ -127,7 +127,7 @@ def test_harness_matches_lm_eval_hf_backend(tiny_hf, reference, lm_eval_tasks):
 
 
 def test_lm_eval_plugin_matches_hf_backend(tiny_hf, reference, lm_eval_tasks):
-    import evals.lm_eval_plugin  # noqa: F401  registers "pretrain"
+    import pretrain.evals.lm_eval_plugin  # noqa: F401  registers "pretrain"
 
     PARITY.clear()
     assert_same(run_lm_eval("pretrain", f"hf={tiny_hf}", lm_eval_tasks), reference)
@@ -140,9 +140,9 @@ def test_plain_lm_eval_command_finds_our_model(tiny_hf, reference, lm_eval_tasks
     import sys
     from pathlib import Path
 
-    from evals import lm_eval_hook
+    from pretrain.evals import lm_eval_hook
 
-    lm_eval_hook.write_pth()  # what `python -m evals.lm_eval_plugin install` (run by the Makefile) does
+    lm_eval_hook.write_pth()  # what `python -m pretrain.evals.lm_eval_plugin install` (run by the Makefile) does
     cmd = [str(Path(sys.executable).with_name("lm_eval")), "--model", "pretrain", "--model_args", f"hf={tiny_hf}",
            "--include_path", str(lm_eval_tasks), "--tasks", "kjv_cont_lm", "--limit", str(LIMITS["kjv_cont"]),
            "--batch_size", "4", "--device", "cpu", "--output_path", str(tmp_path), "--log_samples"]
@@ -186,8 +186,8 @@ def test_our_gpt_through_harness_equals_through_plugin(tiny_hf, lm_eval_tasks, t
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from evals.lm_eval_plugin import PretrainLM
-    from evals.pretrain_model import load_checkpoint_model
+    from pretrain.evals.lm_eval_plugin import PretrainLM
+    from pretrain.evals.pretrain_model import load_checkpoint_model
     from pretrain.checkpoint import save_checkpoint
     from pretrain.models import build_model
 
@@ -228,7 +228,7 @@ SHARDED_TASKS = ["kjv_cont", "kjv_ppl"]
 
 
 def sharded_worker(args: dict) -> dict:
-    from evals.parallel_model import load_sharded_model
+    from pretrain.evals.parallel_model import load_sharded_model
 
     out = {}
     for tp, pp in args["layouts"]:
@@ -244,7 +244,7 @@ def sharded_worker(args: dict) -> dict:
 def test_tensor_and_pipeline_parallel_evaluation_matches_one_process(tiny_hf, tmp_path):
     """`pretrain eval --tp/--pp`: a checkpoint split 2x2, 1x2 (2 replicas) and 2x1 (2 replicas) over 4 gloo
     ranks scores what one process scores with the whole model; every rank returns the same numbers."""
-    from evals.pretrain_model import load_checkpoint_model
+    from pretrain.evals.pretrain_model import load_checkpoint_model
     from tests.dist_utils import run_distributed
 
     ckpt = save_tiny_gpt(tmp_path, tiny_hf / "tokenizer.json")
@@ -357,8 +357,8 @@ def test_greedy_generation_with_kv_cache_matches_full_recompute(tiny_hf):
 def test_generate_until_task_and_our_gpt_generation(tiny_hf, tmp_path):
     """generate_until: the harness output is the greedy continuation cut at the stop string; our GPT's
     cached generation through the adapter equals its own ``generate``."""
-    from data.tokenizer import load_tokenizer
-    from evals.pretrain_model import PretrainModel
+    from pretrain.data.tokenizer import load_tokenizer
+    from pretrain.evals.pretrain_model import PretrainModel
     from pretrain.models import build_model
 
     rows = [{"q": "In the beginning God", "a": "x"}, {"q": "And the earth was", "a": "y"}]
@@ -395,7 +395,7 @@ FAKE_DOCS = {  # one row in each hub dataset's schema, to check the bundled prom
 
 @pytest.mark.parametrize("name", sorted(FAKE_DOCS))
 def test_bundled_hub_task_prompts_render(name):
-    from evals.tasks import Task, task_path, validate_config
+    from pretrain.evals.tasks import Task, task_path, validate_config
 
     path = task_path(name)
     cfg = validate_config(yaml.safe_load(path.read_text()), str(path))

@@ -18,8 +18,8 @@ import torch
 
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
-from evals.harness import evaluate_tasks  # noqa: E402
-from evals.pretrain_model import load_checkpoint_model  # noqa: E402
+from pretrain.evals.harness import evaluate_tasks  # noqa: E402
+from pretrain.evals.pretrain_model import load_checkpoint_model  # noqa: E402
 from tests.test_evals import data_dir, lm_eval_tasks, sample_lls  # noqa: E402,F401  fixtures
 
 REAL_LIMITS = {"kjv_cont": 8, "kjv_lastword": 8, "kjv_ppl": 2}

@@ -19,11 +19,11 @@ import yaml
 
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
-from evals.engine import make_engine  # noqa: E402
-from evals.harness import evaluate_tasks  # noqa: E402
-from evals.model import HFSeq2SeqModel, load_model  # noqa: E402
-from evals.pretrain_model import load_checkpoint_model  # noqa: E402
-from evals.seq2seq import Seq2SeqEngine  # noqa: E402
+from pretrain.evals.engine import make_engine  # noqa: E402
+from pretrain.evals.harness import evaluate_tasks  # noqa: E402
+from pretrain.evals.model import HFSeq2SeqModel, load_model  # noqa: E402
+from pretrain.evals.pretrain_model import load_checkpoint_model  # noqa: E402
+from pretrain.evals.seq2seq import Seq2SeqEngine  # noqa: E402
 from tests.test_evals import data_dir, lm_eval_tasks, sample_lls  # noqa: E402,F401  fixtures
 from tests.test_evals_real import compare, ours  # noqa: E402
 
@@ -38,7 +38,7 @@ PARITY: dict[str, dict[str, float]] = {}  # printed with -s
 
 @pytest.fixture(scope="module")
 def tokenizer(data_dir, tmp_path_factory):  # noqa: F811
-    from data.tokenizer import train_sentencepiece
+    from pretrain.data.tokenizer import train_sentencepiece
 
     texts = [json.loads(line)["text"] for line in open(data_dir / "kjv_chapters.jsonl")]
     lines = [line for t in texts for line in t.split("\n") if line.strip()]
@@ -107,7 +107,7 @@ def test_checkpoint_matches_lm_eval_seq2seq(checkpoint, reference):
 def test_plugin_and_hf_directory_match_lm_eval(checkpoint, reference, lm_eval_tasks):
     """The same checkpoint through the lm-eval plugin (``checkpoint=``), and the exported directory through
     ``load_model(hf=...)`` (our engine on the HF model, its KV-cached generation)."""
-    from evals.lm_eval_plugin import PretrainLM
+    from pretrain.evals.lm_eval_plugin import PretrainLM
 
     name, ckpt, hf_dir, model = checkpoint
     plugin = PretrainLM(checkpoint=str(ckpt), max_length=CTX, batch_size=4)

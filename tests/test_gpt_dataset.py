@@ -6,9 +6,9 @@ import types
 import numpy as np
 import pytest
 
-from data.blend import _megatron_helpers
-from data.gpt_dataset import GPTDataset, build_sample_index
-from data.indexed import IndexedDataset, IndexedDatasetWriter
+from pretrain.data.blend import _megatron_helpers
+from pretrain.data.gpt_dataset import GPTDataset, build_sample_index
+from pretrain.data.indexed import IndexedDataset, IndexedDatasetWriter
 
 EOD = 1
 

@@ -13,7 +13,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from data.tokenizer import train_sentencepiece
+from pretrain.data.tokenizer import train_sentencepiece
 from pretrain import checkpoint as ckpt_io
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config
@@ -30,7 +30,7 @@ LLAMA_STYLE = dict(normalization_rule_name="identity", remove_extra_whitespaces=
 @pytest.fixture(scope="module")
 def real_text() -> list[str]:
     """~4,000 prose lines (demo corpus) and ~4,000 lines of CPython source, plus multi-line chunks."""
-    from data.demo_corpus import ensure_demo_corpus
+    from pretrain.data.demo_corpus import ensure_demo_corpus
 
     docs = [json.loads(line)["text"] for line in islice(open(ensure_demo_corpus(), encoding="utf-8"), 0, 3000, 25)]
     prose = [line for doc in docs for line in doc.split("\n")][:4000]

@@ -122,7 +122,7 @@ def test_smollm2_import_train_export(tmp_path):
     import -> export weights, a few training steps, export again and load the trained weights."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from data.demo_corpus import ensure_demo_corpus
+    from pretrain.data.demo_corpus import ensure_demo_corpus
     from pretrain import checkpoint as ckpt_io
     from pretrain.hf.export import rules_for
     from pretrain.hf.mapping import to_hf

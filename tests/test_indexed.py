@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data.indexed import IndexedDataset, IndexedDatasetWriter, ShardError, merge_shards
+from pretrain.data.indexed import IndexedDataset, IndexedDatasetWriter, ShardError, merge_shards
 
 
 def _docs(seed: int, n: int = 30, vocab: int = 60000) -> list[np.ndarray]:

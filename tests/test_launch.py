@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from evals.harness import evaluate_tasks, scalar_metrics
-from evals.local_data import ensure_local_eval_data
-from evals.pretrain_model import load_checkpoint_model
-from launch.env import detect, first_host
-from launch.preemption import PreemptionHandler, requeue
-from launch.slurm import LaunchError, SlurmJob, check_train_command, render_script
+from pretrain.evals.harness import evaluate_tasks, scalar_metrics
+from pretrain.evals.local_data import ensure_local_eval_data
+from pretrain.evals.pretrain_model import load_checkpoint_model
+from pretrain.launch.env import detect, first_host
+from pretrain.launch.preemption import PreemptionHandler, requeue
+from pretrain.launch.slurm import LaunchError, SlurmJob, check_train_command, render_script
 from tests.dist_utils import REPO, free_port, run_distributed
 
 
@@ -109,8 +109,8 @@ def test_requeue_respects_the_limit(monkeypatch, capsys):
 # --- watchdog -----------------------------------------------------------------------------------------------
 HANG = textwrap.dedent("""
     import datetime, time, torch, torch.distributed as dist
-    from launch.env import init_distributed
-    from launch.preemption import Watchdog
+    from pretrain.launch.env import init_distributed
+    from pretrain.launch.preemption import Watchdog
     denv = init_distributed(timeout_s=120)
     if denv.rank == 1:
         time.sleep(60)            # never joins the all-reduce

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from parallel.mesh import Layout
-from parallel.validate import validate_layout
+from pretrain.parallel.mesh import Layout
+from pretrain.parallel.validate import validate_layout
 from pretrain.config import ConfigError, from_dict
 
 GPT = {"family": "gpt", "vocab_size": 512, "hidden_size": 64, "num_layers": 4, "num_heads": 8,

@@ -135,7 +135,7 @@ def layouts_worker(args: dict) -> dict:
     """
     import torch.distributed as dist
 
-    from parallel.engine import build_engine
+    from pretrain.parallel.engine import build_engine
 
     out = {}
     for name, (model, parallel, *resume) in args["layouts"].items():
@@ -158,7 +158,7 @@ def layouts_worker(args: dict) -> dict:
             result = train(engine, model)
         state = engine.state_dict()["model"]
         if cfg.parallel.tp > 1:
-            from parallel.tensor import full_state_dict
+            from pretrain.parallel.tensor import full_state_dict
 
             state = full_state_dict(engine.model, state, engine.mesh.group("tp"))
         if cfg.parallel.ep > 1:  # each expert-parallel rank holds E/ep experts (dim 0)

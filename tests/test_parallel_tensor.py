@@ -19,7 +19,7 @@ def tensor_worker(args: dict) -> dict:
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from parallel.tensor import TensorParallelLayers, shard
+    from pretrain.parallel.tensor import TensorParallelLayers, shard
     from pretrain.models.layers import LocalLayers
 
     group = dist.new_group([0, 1])

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import data.prepare
-from data.corpus import CorpusError
-from data.indexed import IndexedDataset, ShardError
-from data.metadata import read_metadata, verify_tokenizer
-from data.prepare import prepare
-from data.tokenizer import load_tokenizer
+import pretrain.data.prepare
+from pretrain.data.corpus import CorpusError
+from pretrain.data.indexed import IndexedDataset, ShardError
+from pretrain.data.metadata import read_metadata, verify_tokenizer
+from pretrain.data.prepare import prepare
+from pretrain.data.tokenizer import load_tokenizer
 from pretrain.cli import main
 
 
@@ -147,7 +147,7 @@ def test_int32_for_large_vocab(tmp_path):
 
 def test_tokenizer_mismatch_names_file(tiny_shard_prefix, tiny_tokenizer, tmp_path):
     verify_tokenizer(tiny_shard_prefix, tiny_tokenizer)  # the right one passes
-    from data.tokenizer import train_sentencepiece
+    from pretrain.data.tokenizer import train_sentencepiece
 
     other = train_sentencepiece(["to be or not to be"] * 20, tmp_path / "other", 280, num_threads=1, verbose=False)
     with pytest.raises(ShardError, match=r"tiny\.json: tokenizer mismatch: identity.*vocab_size: shard has 1000"):
@@ -216,7 +216,7 @@ def test_reading_stays_bounded_ahead_of_writing(tiny_corpus, tiny_tokenizer, tmp
 
 
 def test_demo_corpus_is_real_text_and_built_once(demo_corpus):
-    from data.demo_corpus import ensure_demo_corpus
+    from pretrain.data.demo_corpus import ensure_demo_corpus
 
     mtime = demo_corpus.stat().st_mtime_ns
     assert ensure_demo_corpus() == demo_corpus and demo_corpus.stat().st_mtime_ns == mtime  # reused, not rebuilt

@@ -99,7 +99,7 @@ def resume(engine, path) -> list[float]:
 def matrix_worker(args: dict) -> dict:
     import torch.distributed as dist
 
-    from parallel.engine import build_engine
+    from pretrain.parallel.engine import build_engine
 
     rank, world = dist.get_rank(), dist.get_world_size()
     for name, (model, parallel) in args.get("sources", SOURCES).items():

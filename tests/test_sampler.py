@@ -4,7 +4,7 @@ resumes exactly at another size, with batch-size ramp-up and gradient accumulati
 import numpy as np
 import pytest
 
-from data.sampler import DataParallelSampler, ramp_up
+from pretrain.data.sampler import DataParallelSampler, ramp_up
 
 N = 1000  # dataset length (the sequence wraps past it)
 

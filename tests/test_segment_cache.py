@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from data.segment_cache import SegmentCache, split_keys, supports
-from data.tokenizer import load_tokenizer, text_lines, train_sentencepiece
+from pretrain.data.segment_cache import SegmentCache, split_keys, supports
+from pretrain.data.tokenizer import load_tokenizer, text_lines, train_sentencepiece
 
 EDGE = ["", " ", "   ", "a", " a", "  a  ", "a  \n", "a \n b", "\n", "x\u2581 y \u2581", "foo  bar  ", "\t a\t b ",
         "é 😀  ü", "12 345", "a<extra_id_3> b", " \n ", "end ", "a b", "a\nb  c", "<s> </s> <pad>",

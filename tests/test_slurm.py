@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.slurm import job_info, wait
+from pretrain.launch.slurm import job_info, wait
 from tests.dist_utils import REPO
 
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"

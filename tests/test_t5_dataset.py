@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from data.t5_dataset import T5Dataset, compute_input_and_target_lengths, random_spans_noise_mask
+from pretrain.data.t5_dataset import T5Dataset, compute_input_and_target_lengths, random_spans_noise_mask
 from tests.test_gpt_dataset import random_docs, write_shard
 
 EOS, PAD, VOCAB = 1, 0, 2000  # document tokens are < 1000, below the sentinels

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.tokenizer import META_FILE, SP_MODEL, load_tokenizer, train_sentencepiece
+from pretrain.data.tokenizer import META_FILE, SP_MODEL, load_tokenizer, train_sentencepiece
 from pretrain.cli import main
 
 SAMPLES = ["Hello  world,\n\n  indented line 12345\tTab", "Naïve café — 😀 ünïcödé", "", " leading space",

@@ -222,9 +222,9 @@ def test_bf16_autocast_smoke(tmp_path, tiny_shard_prefix, tiny_tokenizer):
 def test_task_evaluation_during_training_matches_pretrain_eval(name, tmp_path, tiny_shard_prefix, tiny_tokenizer):
     """train.eval_tasks scores the live model every eval_interval; the final scores equal evaluating the saved
     checkpoint afterwards, and the evaluation leaves the training run (losses, RNG) unchanged."""
-    from evals.harness import evaluate_tasks, scalar_metrics
-    from evals.local_data import ensure_local_eval_data
-    from evals.pretrain_model import load_checkpoint_model
+    from pretrain.evals.harness import evaluate_tasks, scalar_metrics
+    from pretrain.evals.local_data import ensure_local_eval_data
+    from pretrain.evals.pretrain_model import load_checkpoint_model
 
     ensure_local_eval_data()
     common = ("train.steps=6", "train.global_batch_size=4", "train.micro_batch_size=2", "train.eval_interval=3",

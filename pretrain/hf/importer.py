@@ -5,7 +5,7 @@ weight is read (others are refused by name); the config is translated by :mod:`p
 what our models cannot represent exactly) and the weights by the same tables export uses
 (:mod:`pretrain.hf.mapping`). The result is a step-0 checkpoint (``OUT_CKPT/step_00000000`` + ``latest``) whose
 ``meta.json`` holds a full training config, with the model's tokenizer files copied to ``OUT_CKPT/tokenizer/``
-(``data.tokenizer`` points there) so ``pretrain export`` can write them back.
+(``pretrain.data.tokenizer`` points there) so ``pretrain export`` can write them back.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Where models get their large layers from.
 
 Model code asks a :class:`LayerFactory` for its projections, embeddings, norms and loss instead of building
-``nn.Linear`` itself. :class:`LocalLayers` (here) returns plain torch modules; ``parallel.tensor`` returns
+``nn.Linear`` itself. :class:`LocalLayers` (here) returns plain torch modules; ``pretrain.parallel.tensor`` returns
 megatron-core tensor-parallel layers (plus sequence parallelism) behind the same calls. That is the whole
 difference between a single-process model and a tensor-parallel one: the block code is shared.
 
