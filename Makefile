@@ -1,12 +1,15 @@
-# Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`.
+# Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`  (`make test-fast`: unit tests only).
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat requirements/cpu.txt pyproject.toml | md5sum | cut -c1-12)
-# Number of pytest workers; distributed tests start their own processes, so keep it small on 2 cores.
+# Extra pytest arguments, e.g. TEST_ARGS="-k prepare --durations=20".
 TEST_ARGS ?=
+# The fast tier: tests that start no process and use no network (tests/conftest.py adds the markers); one
+# torch thread (tiny models: a second thread buys little and costs much on a busy machine).
+FAST    := not slow and not dist and not slurm
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-fast clean
 
 venv: $(STAMP)
 
@@ -23,6 +26,10 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest $(TEST_ARGS)
+
+test-fast: venv
+	$(BIN)/python -c "from pretrain.data.demo_corpus import ensure_demo_corpus; ensure_demo_corpus()"
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -m "$(FAST)" $(TEST_ARGS)
 
 clean:
 	rm -rf runs/demo .pytest_cache

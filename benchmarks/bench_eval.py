@@ -24,7 +24,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from pretrain.evals.engine import Engine  # noqa: E402
+from pretrain.evals.engine import Scorer  # noqa: E402
 from pretrain.evals.local_data import ensure_local_eval_data  # noqa: E402
 from pretrain.evals.model import HFModel  # noqa: E402
 from pretrain.evals.random_model import random_hf_llama  # noqa: E402
@@ -52,7 +52,7 @@ def task_requests(name: str, limit: int) -> tuple[str, list]:
 
 
 def time_ours(model: HFModel, kind: str, args: list, batch_size: int) -> tuple[float, list[float]]:
-    engine = Engine(model, batch_size=batch_size, progress=False)
+    engine = Scorer(model, batch_size=batch_size, progress=False)
     start = time.process_time()
     if kind == "loglikelihood":
         lls = [ll for ll, _ in engine.loglikelihood(args)]

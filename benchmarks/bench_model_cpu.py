@@ -18,7 +18,7 @@ import torch
 
 from pretrain.metrics import measure_cpu_flops
 from pretrain.models import build_model
-from pretrain.models.flops import flops_per_token, param_count
+from pretrain.models.flops import flops_per_token, gpt_param_count
 
 
 def hf_llama(cfg):
@@ -98,7 +98,7 @@ def main() -> None:
         frac = statistics.median(tokens * fpt / t / peak for t, peak in zip(times[name], peaks))
         print(f"{name:<18}{n / 1e6:>9.2f}M{step * 1e3:>18.0f}{rates[name]:>10.0f}"
               f"{rates[name] * fpt / 1e9:>9.1f}{100 * frac:>9.1f}%")
-    print(f"\nparam_count(cfg) = {param_count(cfg):,}; tokens/s ratios:")
+    print(f"\ngpt_param_count(cfg) = {gpt_param_count(cfg):,}; tokens/s ratios:")
     pairs = [("ours, eager", "HF, eager")]
     if not args.no_compile:
         pairs = [("ours, compiled", "HF, eager"), *pairs, ("ours, compiled", "HF, compiled")]

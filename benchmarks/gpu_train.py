@@ -25,78 +25,34 @@ import json
 import math
 import os
 import socket
+import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from pretrain.data.loader import collate
 from pretrain.checkpoint import write_atomic
 from pretrain.config import Config, load_config
-from pretrain.engine import LocalEngine, build_engine
+from pretrain.engines import build_engine
+from pretrain.local_engine import LocalEngine
 from pretrain.models import attention as attn_mod
 from pretrain.models import build_model
-from pretrain.models.flops import flops_per_token, param_count
+from pretrain.models.flops import flops_per_token, gpt_param_count
+from pretrain.models.layers import LocalLayers
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also when loaded by path
+from gpu_common import (ROOT, best_time, count_host_syncs, matmul_tflops, peak_tflops, step_batches,  # noqa: E402
+                        sync, synthetic_samples, tiny_config)
+
 MODELS = {"125m": "configs/gpt_125m.yaml", "350m": "configs/gpt_350m.yaml", "1.3b": "configs/gpt_1.3b.yaml"}
 BACKENDS = ("sdpa", "flash_attn")  # timed; "reference" is the checks' yardstick only
 MICRO_BATCH = {"125m": 16, "350m": 8, "1.3b": 4}  # seq 2048; estimated to fit 80 GB without checkpointing
-# Dense bf16 tensor-core peak (TFLOP/s) by device-name fragment, most specific first (NVIDIA datasheets).
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.vocab_size=256"]
 ATTN_TOL = {"out": 2e-2, "grad": 5e-2}  # max |err| / max |ref|, bf16 inputs (bf16 eps = 2^-8 ~ 4e-3)
 BF16_LOSS_ATOL = 0.1  # nats: bf16 autocast vs fp32 loss, every step of the tiny run (loss 5.5 -> ~2)
 ZERO_RTOL = {"fp32": 1e-4, "bf16": 2e-2}  # ZeRO vs plain loss; DeepSpeed bf16 keeps bf16 weights, we autocast
-
-
-def peak_tflops(device_name: str) -> float | None:
-    """Dense bf16 peak of a device named like ``torch.cuda.get_device_name``; None when unknown (or CPU)."""
-    return next((v for k, v in PEAK_BF16_TFLOPS if k in device_name), None)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_time(fn, device: torch.device, repeats: int = 10, trials: int = 3) -> float:
-    """Seconds per call of ``fn``: the best mean over ``trials`` rounds of ``repeats`` calls, after a warm-up."""
-    fn()
-    best = float("inf")
-    for _ in range(trials):
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        sync(device)
-        best = min(best, (time.perf_counter() - t0) / repeats)
-    return best
-
-
-def matmul_tflops(device: torch.device, n: int, dtype: torch.dtype) -> float:
-    """Rate of back-to-back ``n x n`` matmuls: the practically reachable peak."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    return 2 * n ** 3 / best_time(lambda: a @ b, device, trials=5) / 1e12
-
-
-# --- data -------------------------------------------------------------------------------------------------
-def synthetic_samples(n: int, seq: int, vocab: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """Learnable GPT samples in the dataset format (docs/design.md): ``start + i * stride`` mod vocab."""
-    rng = np.random.default_rng(seed)
-    tokens = (rng.integers(0, vocab, (n, 1)) + np.arange(seq + 1) * rng.integers(1, 8, (n, 1))) % vocab
-    return [{"input_ids": t[:-1], "labels": t[1:], "loss_mask": np.ones(seq, np.float32),
-             "position_ids": np.arange(seq), "document_ids": np.zeros(seq, np.int64)} for t in tokens]
-
-
-def step_batches(pool: list[dict], step: int, micro: int, accum: int) -> list[dict]:
-    """This step's micro-batches, collated like the trainer does (cycling through ``pool``)."""
-    start = step * micro * accum
-    return [collate([pool[(start + m * micro + i) % len(pool)] for i in range(micro)]) for m in range(accum)]
 
 
 # --- configs ----------------------------------------------------------------------------------------------
@@ -111,14 +67,6 @@ def bench_config(name: str, args, backend: str, checkpointing: bool, precision: 
                  "checkpoint.dir=null", "optimizer.lr=1e-4", *(TINY if args.dry_run else ()),
                  f"model.max_seq_len={args.seq}"]
     return load_config(ROOT / MODELS[name], overrides)
-
-
-def tiny_config(args, precision: str, zero: int = 0) -> Config:
-    """The numerics checks' model: small enough to train for dozens of steps in seconds."""
-    return load_config(ROOT / "configs/gpt_tiny.yaml", [
-        f"train.precision={precision}", f"train.device={args.device}", "train.seed=0", "train.micro_batch_size=4",
-        "train.global_batch_size=8", "checkpoint.dir=null", "optimizer.lr=3e-3", "optimizer.eps=1e-5",
-        "model.vocab_size=256", "model.max_seq_len=64", "data.seq_length=64", f"parallel.zero={zero}"])
 
 
 # --- timing -----------------------------------------------------------------------------------------------
@@ -159,21 +107,6 @@ class PhaseTimer:
         return {k: v / max(len(steps), 1) for k, v in totals.items()}
 
 
-def count_host_syncs(device: torch.device, fn) -> int | None:
-    """Synchronising CUDA calls made by ``fn()`` (torch's sync debug mode); None on CPU."""
-    if device.type != "cuda":
-        fn()
-        return None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchronizing" in str(w.message) for w in caught)
-
-
 def top_ops(device: torch.device, fn, n: int = 12) -> list[dict]:
     """The ``n`` ops/kernels with the most self time (device time on CUDA) in ``fn()``: where a step goes."""
     from torch.profiler import ProfilerActivity, profile
@@ -196,8 +129,8 @@ def time_training(cfg: Config, args, compile_backend: str | None, matmul: float,
     device = torch.device(args.device)
     torch.manual_seed(0)
     with device:  # parameters are initialised where they live
-        model = build_model(cfg.family, cfg.model)
-    n_params = param_count(cfg.model)
+        model = build_model(cfg.family, cfg.model, LocalLayers(fused_loss=not compile_backend))
+    n_params = gpt_param_count(cfg.model)
     torch._dynamo.reset()  # drop the previous run's compiled graphs (and the weights they hold)
     torch._dynamo.utils.counters.clear()
     if compile_backend:
@@ -219,7 +152,7 @@ def time_training(cfg: Config, args, compile_backend: str | None, matmul: float,
         batches = step_batches(pool, i, t.micro_batch_size, accum)
         data_s += time.perf_counter() - t0
         timer.mark("start")
-        losses.append(engine.train_step(batches, cfg.optimizer.lr)["loss"])
+        losses.append(engine.train_step(batches, cfg.optimizer.lr).loss)
         timer.mark("end")
 
     warm0 = time.perf_counter()
@@ -291,7 +224,7 @@ def train_losses(engine, cfg: Config, steps: int) -> tuple[list[float], list[flo
     accum = cfg.train.global_batch_size // cfg.train.micro_batch_size
     outs = [engine.train_step(step_batches(pool, i, cfg.train.micro_batch_size, accum), cfg.optimizer.lr)
             for i in range(steps)]
-    return [o["loss"] for o in outs], [o["grad_norm"] for o in outs]
+    return [o.loss for o in outs], [o.grad_norm for o in outs]
 
 
 def check_bf16_vs_fp32(args) -> dict:
@@ -308,9 +241,9 @@ def check_bf16_vs_fp32(args) -> dict:
 def check_zero(args) -> dict:
     """DeepSpeed ZeRO-1/2 on one device (``pretrain.parallel.engine``) vs the plain engine: losses and grad norms."""
     try:
-        from pretrain.parallel.engine import build_engine as build_parallel_engine
+        import deepspeed  # noqa: F401
     except ImportError as e:
-        return {"passed": None, "skipped": f"pretrain.parallel.engine not importable: {e}"}
+        return {"passed": None, "skipped": f"deepspeed not importable: {e}"}
     with socket.socket() as sock:  # a one-process group on a free port
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
@@ -323,7 +256,7 @@ def check_zero(args) -> dict:
         plain = train_losses(build_engine(cfg), cfg, steps)
         for zero in (1, 2):
             cfg = tiny_config(args, precision, zero)
-            ds = train_losses(build_parallel_engine(cfg), cfg, steps)
+            ds = train_losses(build_engine(cfg, parallel=True), cfg, steps)
             loss_rel = max(abs(a - b) / abs(b) for a, b in zip(ds[0], plain[0]))
             norm_rel = max(abs(a - b) / abs(b) for a, b in zip(ds[1], plain[1]))
             passed = max(loss_rel, norm_rel) <= ZERO_RTOL[precision]

@@ -49,12 +49,10 @@ def _bytes(tensors, seen: set) -> int:
 
 def _inner_optimizers(engine) -> list[torch.optim.Optimizer]:
     """The optimizers whose ``step`` updates this rank's (partition of the) weights."""
-    if hasattr(engine, "ds"):
+    if engine.ds is not None:  # DeepSpeed's ZeRO optimizer wraps the torch one
         opt = engine.ds.optimizer
         return [getattr(opt, "optimizer", opt)]
-    if hasattr(engine, "_local_optimizers"):
-        return engine._local_optimizers()
-    return [engine.optimizer]
+    return engine.local_optimizers()
 
 
 def measure(engine, batch: list[dict]) -> dict[str, float]:
@@ -102,10 +100,10 @@ def main() -> None:
         cfg = from_dict(merge(TINY, parse_overrides(extra)))
     else:
         cfg = load_config(args.config, args.overrides)
-    from pretrain.parallel.engine import init_distributed
-    from pretrain.engine import build_engine, pick_device
+    from pretrain.devices import join_process_group, pick_device
+    from pretrain.engines import build_engine
 
-    init_distributed(pick_device(cfg))
+    join_process_group(pick_device(cfg))
     torch.manual_seed(0)
     engine = build_engine(cfg)
     t, p = cfg.train, cfg.parallel

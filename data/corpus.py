@@ -154,10 +154,11 @@ class CorpusReader:
             for lineno, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue  # blank lines separate nothing in JSON Lines; not a document
+                line = self._decode(raw, path, lineno).rstrip("\r\n")
                 try:
-                    record = json.loads(self._decode(raw, path, lineno))
+                    record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    self._bad("bad_json", path, lineno, f"{e.msg} at column {e.colno}")
+                    self._bad("bad_json", path, lineno, _json_problem(line, e))
                     continue
                 text = self._text_of(record, path, lineno)
                 if text is None:
@@ -215,6 +216,22 @@ class CorpusReader:
                 if text is not None:
                     yield Document(text, path, row, unreported)
                     unreported = 0
+
+
+_ESCAPES = {"\t": ("tab", "\\t"), "\n": ("line feed", "\\n"), "\r": ("carriage return", "\\r"),
+            "\b": ("backspace", "\\b"), "\f": ("form feed", "\\f")}
+
+
+def _json_problem(line: str, e: json.JSONDecodeError) -> str:
+    """What is wrong with a JSON line, in words: the problem, its column, and the text around it."""
+    near = line[max(0, e.pos - 20):e.pos + 20].strip()
+    if e.msg.startswith("Invalid control character") and e.pos < len(line):
+        char = line[e.pos]
+        name, escape = _ESCAPES.get(char, ("", f"\\u{ord(char):04x}"))
+        return (f"unescaped control character U+{ord(char):04X}{f' ({name})' if name else ''} inside a string at "
+                f"column {e.colno}; escape it as {escape} (near {near!r})")
+    problem = e.msg.removesuffix(" at")  # json's messages end in "at" before their own "line/column" suffix
+    return f"{problem[0].lower()}{problem[1:]} at column {e.colno} (near {near!r})"
 
 
 class _open_binary:

@@ -74,8 +74,11 @@ def _config(config: Mapping | Any) -> dict:
 
 
 def _open_shard(prefix: str, tokenizer: Tokenizer) -> tuple[IndexedDataset, bool]:
-    """The shard, and whether documents need a virtual EOD (``PREFIX.json`` says none was appended)."""
+    """The shard, and whether documents need a virtual EOD (``PREFIX.json`` says none was appended).
+
+    Every token id is checked against ``tokenizer``'s vocabulary here, in full (one read of the ``.bin``)."""
     indexed = IndexedDataset(prefix)
+    indexed.check_token_ids(tokenizer.vocab_size, tokenizer.path)
     if not meta_path(prefix).exists():  # e.g. written by Megatron's tools: nothing to verify against
         log.warning("%s: no metadata; cannot check the tokenizer, assuming documents end with EOD", meta_path(prefix))
         return indexed, False

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pretrain.data.corpus import CorpusReader, expand_inputs, input_size
+from pretrain.data.corpus import CorpusError, CorpusReader, expand_inputs, input_size
 from pretrain.data.indexed import IndexedDatasetWriter, dtype_for_vocab
 from pretrain.data.metadata import write_metadata
 from pretrain.data.tokenizer import Tokenizer, load_tokenizer
@@ -80,7 +80,12 @@ def _chunks(reader: CorpusReader, per_input: dict[str, int]) -> Iterator[tuple[l
 def prepare(inputs: list[str], tokenizer: str | Path, output: str | Path, workers: int = 1,
             text_key: str = "text", append_eod: bool = False, strict: bool = False, txt_mode: str = "line",
             progress: bool = True) -> dict:
-    """Tokenize ``inputs`` (files, globs, datasets dirs, ``hf:`` names) into ``output``; returns the metadata."""
+    """Tokenize ``inputs`` (files, globs, datasets dirs, ``hf:`` names) into ``output``; returns the metadata.
+
+    Raises ``ValueError`` (``CorpusError`` for the input) on bad options, unreadable input, or input that holds
+    no document; nothing is written then."""
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1 (got {workers}); use --workers 1 for one process")
     paths = expand_inputs(inputs)
     tok = load_tokenizer(tokenizer, num_threads=1)
     if append_eod and tok.eod_id is None:
@@ -128,6 +133,10 @@ def prepare(inputs: list[str], tokenizer: str | Path, output: str | Path, worker
         while pending:
             result, n = pending.popleft()
             write(*result.get(), n)
+        if docs == 0:
+            bad = f" (bad input records: {reader.bad.summary()})" if reader.bad.total else ""
+            hint = f"; is --text-key {text_key!r} right?" if reader.bad.missing_key else ""
+            raise CorpusError(f"{', '.join(paths)}: no documents{bad}; nothing written{hint}")
         writer.finalize()
     except BaseException:
         writer.abort()
@@ -180,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         prepare(args.input, args.tokenizer, args.output, workers=args.workers, text_key=args.text_key,
                 append_eod=args.append_eod, strict=args.strict, txt_mode=args.txt_mode,
                 progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:  # CorpusError, ShardError and bad options
+    except (ValueError, FileNotFoundError) as e:  # CorpusError, ShardError and bad options: the user's to fix
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0

@@ -28,7 +28,13 @@ def _noise_counts(length: int, noise_density: float, mean_noise_span_length: flo
 def compute_input_and_target_lengths(inputs_length: int, noise_density: float = 0.15,
                                      mean_noise_span_length: float = 3.0) -> tuple[int, int]:
     """(raw tokens per chunk, target length) so that corrupted inputs plus EOS are at most ``inputs_length``
-    (t5.data.preprocessors / HF run_t5_mlm_flax); e.g. 512 -> (568, 114)."""
+    (t5.data.preprocessors / HF run_t5_mlm_flax); e.g. 512 -> (568, 114). Raises ValueError for a density
+    outside (0, 1) or spans shorter than one token, for which no chunk length fits."""
+    if not 0 < noise_density < 1:
+        raise ValueError(f"noise density {noise_density} (data.noise_density) must be in (0, 1); T5 uses 0.15")
+    if mean_noise_span_length < 1:
+        raise ValueError(f"mean noise span length {mean_noise_span_length} (data.mean_span_length) must be >= 1 "
+                         f"token; T5 uses 3")
 
     def lengths(tokens_length: int) -> tuple[int, int]:
         num_noise = int(round(tokens_length * noise_density))

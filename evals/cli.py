@@ -11,14 +11,16 @@ Under ``torchrun`` every rank scores its share of the requests (gloo on CPU, ncc
 from __future__ import annotations
 
 import argparse
-import logging
 import os
+import sys
 
 import torch
 
+from pretrain.console import setup_logging
+from pretrain.devices import backend_for, cuda_device
 from pretrain.evals.harness import evaluate_tasks
 from pretrain.evals.metrics import markdown_table, write_results
-from pretrain.evals.model import load_model
+from pretrain.evals.loading import load_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(fmt="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     shots = [int(k) for k in args.num_fewshot.split(",")]
     if any(k < 0 for k in shots):
         raise SystemExit(f"--num-fewshot: counts must be >= 0, got {args.num_fewshot}")
@@ -50,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
     if args.tp * args.pp > 1 and not args.checkpoint:
         raise SystemExit("--tp/--pp split our checkpoints; use them with --checkpoint")
     distributed = world > 1
+    if args.device == "cuda":  # this rank's GPU: LOCAL_RANK % visible GPUs (an explicit cuda:N is kept)
+        args.device = str(cuda_device())
     if distributed and not torch.distributed.is_initialized():
-        if args.device.startswith("cuda"):
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        torch.distributed.init_process_group(backend_for(args.device))
     group = None
     if args.tp * args.pp > 1:
         from pretrain.evals.parallel_model import load_sharded_model

@@ -67,15 +67,6 @@ def longest_extensions(seqs: list[tuple]) -> dict[tuple, tuple]:
     return owner
 
 
-def make_engine(model: EvalModel, **kwargs) -> "Engine":
-    """The scorer for ``model``: encoder-decoder models go through :class:`pretrain.evals.seq2seq.Seq2SeqEngine`."""
-    if model.is_encoder_decoder:
-        from pretrain.evals.seq2seq import Seq2SeqEngine
-
-        return Seq2SeqEngine(model, **kwargs)
-    return Engine(model, **kwargs)
-
-
 @dataclass
 class _Row:
     """One model input and the requests that read their scores from it."""
@@ -141,7 +132,7 @@ def _read(row: _Row, start: int, logits: torch.Tensor) -> dict[int, tuple[float,
     return out
 
 
-class Engine:
+class Scorer:
     """Batched scorer over an :class:`EvalModel`. ``truncated`` counts left-truncated requests.
 
     Under ``torch.distributed`` the ranks of ``group`` (default: all) split the requests; ranks outside it with

@@ -12,7 +12,8 @@ import string
 import time
 from pathlib import Path
 
-from pretrain.evals.engine import Engine, make_engine
+from pretrain.evals.engine import Scorer
+from pretrain.evals.seq2seq import make_scorer
 from pretrain.evals.metrics import aggregate
 from pretrain.evals.model import EvalModel
 from pretrain.evals.tasks import Task, TaskError, load_task
@@ -25,11 +26,11 @@ def evaluate_tasks(model: EvalModel, tasks: list[str | Task], num_fewshot: int |
                    cache_dir: str | Path | None = None, progress: bool = True,
                    log_samples: bool = False, group=None) -> dict:
     """Evaluate every task at every few-shot count (requests split over the ranks of ``group``, see
-    :class:`~pretrain.evals.engine.Engine`). Returns ``{"results": [row, ...], "truncated": n, ...}``
+    :class:`~pretrain.evals.engine.Scorer`). Returns ``{"results": [row, ...], "truncated": n, ...}``
     where a row is ``{"task", "num_fewshot", "n", "metrics", "stderr", "truncated"[, "samples"]}``."""
     shots = [num_fewshot] if isinstance(num_fewshot, int) else list(num_fewshot)
     loaded = [t if isinstance(t, Task) else load_task(t, include, limit, cache_dir) for t in tasks]
-    engine = make_engine(model, batch_size=batch_size, progress=progress, group=group)
+    engine = make_scorer(model, batch_size=batch_size, progress=progress, group=group)
     rows, start = [], time.perf_counter()
     for task in loaded:
         docs = task.docs[:limit] if limit else task.docs
@@ -54,7 +55,7 @@ def evaluate_tasks(model: EvalModel, tasks: list[str | Task], num_fewshot: int |
             "max_length": model.max_length, "seconds": round(time.perf_counter() - start, 3)}
 
 
-def _run(task: Task, docs: list[dict], k: int, engine: Engine) -> list[dict]:
+def _run(task: Task, docs: list[dict], k: int, engine: Scorer) -> list[dict]:
     """Per-item metric inputs (and the raw scores, under ``"raw"``)."""
     kind, desc = task.output_type, f"{task.name} {k}-shot"
     contexts = [task.context(i, k) for i in range(len(docs))] if kind != "loglikelihood_rolling" else []

@@ -18,8 +18,9 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from pretrain.evals.engine import make_engine
-from pretrain.evals.model import EvalModel, load_model
+from pretrain.evals.seq2seq import make_scorer
+from pretrain.evals.loading import load_model
+from pretrain.evals.model import EvalModel
 
 
 class PretrainLM(LM):
@@ -32,7 +33,7 @@ class PretrainLM(LM):
         self.eval_model = model or load_model(checkpoint, hf, tokenizer, device,
                                               int(max_length) if max_length else None)
         bs = int(batch_size) if str(batch_size or "").isdigit() else 16  # "auto" -> default
-        self.engine = make_engine(self.eval_model, batch_size=bs)
+        self.engine = make_scorer(self.eval_model, batch_size=bs)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         self.engine.progress = not disable_tqdm

@@ -231,18 +231,3 @@ def _config_max_length(config, tokenizer) -> int:
             return int(getattr(cfg, attr))
     limit = getattr(tokenizer, "model_max_length", None)
     return int(limit) if limit and limit < 10**9 else DEFAULT_MAX_LENGTH
-
-
-def load_model(checkpoint: str | None = None, hf: str | None = None, tokenizer: str | None = None,
-               device: str = "cpu", max_length: int | None = None) -> EvalModel:
-    """Exactly one of ``checkpoint`` (ours) or ``hf`` (a Hugging Face causal or encoder-decoder LM directory)."""
-    if bool(checkpoint) == bool(hf):
-        raise ValueError("give exactly one of checkpoint=... or hf=...")
-    if hf:
-        from transformers import AutoConfig
-
-        seq2seq = Path(hf, "config.json").is_file() and AutoConfig.from_pretrained(hf).is_encoder_decoder
-        return (HFSeq2SeqModel if seq2seq else HFModel).from_pretrained(hf, device=device, max_length=max_length)
-    from pretrain.evals.pretrain_model import load_checkpoint_model
-
-    return load_checkpoint_model(checkpoint, tokenizer, device=device, max_length=max_length)

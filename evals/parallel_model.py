@@ -7,13 +7,14 @@ For checkpoints too large for one device, or to evaluate in a training layout::
 
 Each rank builds only its part of the model and takes its pieces of a checkpoint saved under any layout
 (``pretrain.reshard``). The ranks of one model replica score the same requests; the replicas (the
-data-parallel group) split them, as in :class:`pretrain.evals.engine.Engine`. A pipeline runs one batch at a time
+data-parallel group) split them, as in :class:`pretrain.evals.engine.Scorer`. A pipeline runs one batch at a time
 through its stages (evaluation batches are small, and the scorer needs a batch's logits before it builds the
 next one); the last stage broadcasts the scored positions' logits, so every rank returns the same numbers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +25,7 @@ from pretrain.evals.pretrain_model import PretrainModel, checkpoint_tokenizer
 
 
 class PipelineModel(PretrainModel):
-    """One pipeline stage of a GPT (``pretrain.parallel.pipeline.GPTStage``) behind :class:`EvalModel`."""
+    """One pipeline stage (:class:`pretrain.parallel.stage.Stage`) of a GPT behind :class:`EvalModel`."""
 
     supports_packing = False  # stages take no attention mask
 
@@ -40,9 +41,10 @@ class PipelineModel(PretrainModel):
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
         with self._scoring():
-            x = input_ids.to(self.device)
-            if not self.stage.first:
-                x = torch.empty(*input_ids.shape, self.model.cfg.hidden_size, device=self.device)
+            x = self._pad(input_ids, self.prefix_token_id)
+            if not self.stage.first:  # the previous stage sends its sequence shard under sequence parallelism
+                x = torch.empty(x.shape[0], x.shape[1] // self.seq_multiple, self.model.cfg.hidden_size,
+                                device=self.device)
                 dist.recv(x, self._prev)
             out = self.stage(x)
             self.stage.aux_losses.clear()
@@ -51,22 +53,15 @@ class PipelineModel(PretrainModel):
             sizes = [z - a for a, z in spans]
             rows = torch.empty(sum(sizes), self.model.cfg.vocab_size, device=self.device)
             if self.stage.last:
-                full = self.model.layers.gather_logits(out)
+                full = self.model.factory.gather_logits(out)
                 rows = torch.cat([full[b, a:z] for b, (a, z) in enumerate(spans)]).float()
             dist.broadcast(rows, self._last, group=self.mesh.group("pp"))
             return list(rows.split(sizes))
 
-    def greedy_generate(self, ids: list[int], max_new_tokens: int, stop: list[str]) -> list[int]:
+    def _steps(self, ids: list[int], max_new_tokens: int) -> Iterator[int]:
         """Recomputes the whole sequence per token (no KV cache across stages); every stage runs the same loop
         on the broadcast logits, so all agree on each token and on when to stop."""
-        new: list[int] = []
-        for _ in range(max_new_tokens):
-            seq = (ids + new)[-self.max_length:]
-            token = int(self.logits(torch.tensor([seq]), [(len(seq) - 1, len(seq))])[0][-1].argmax())
-            new.append(token)
-            if token == self.eot_token_id or (stop and any(s in self.decode(new) for s in stop)):
-                break
-        return new
+        return self._recomputed_steps(ids)
 
 
 def load_sharded_model(path: str | Path, tp: int = 1, pp: int = 1, tokenizer: str | Path | None = None,
@@ -77,12 +72,12 @@ def load_sharded_model(path: str | Path, tp: int = 1, pp: int = 1, tokenizer: st
     from pretrain.parallel.mesh import Layout, Mesh
     from pretrain import reshard
     from pretrain.hf.export import model_config
-    from pretrain.models import build_model
+    from pretrain.models import build_model, family_spec
 
     step_dir, _ = reshard.read_meta(path)
     state = reshard.consolidate(step_dir, optimizer=False)
     family, cfg = model_config(state.meta, step_dir)
-    if pp > 1 and family != "gpt":
+    if pp > 1 and not family_spec(family).pipeline_eval:
         raise ValueError(f"{step_dir}: pipeline-parallel evaluation supports GPT models; evaluate this "
                          f"{family} model with --tp only")
     mesh = Mesh(Layout.from_world(dist.get_world_size(), tp=tp, pp=pp))
@@ -90,10 +85,11 @@ def load_sharded_model(path: str | Path, tp: int = 1, pp: int = 1, tokenizer: st
     model = build_model(family, cfg, layer_factory(mesh, sequence_parallel=False)).to(device)
     tok, bos, eos = checkpoint_tokenizer(state.meta, step_dir, tokenizer)
     if pp == 1:
-        reshard.load_into(SimpleNamespace(model=model, mesh=mesh), state, optimizer=False)
+        reshard.load_into(SimpleNamespace(model=model, mesh=mesh, ds=None), state, optimizer=False)
         return PretrainModel(model.eval(), tok, max_length, bos, eos), mesh.group("dp")
-    from pretrain.parallel.pipeline import split_model, StageList
+    from pretrain.parallel.pipeline import StageList
+    from pretrain.parallel.stage import split_model
 
     stage = split_model(model, [mesh.pp_rank], pp)[0]
-    reshard.load_into(SimpleNamespace(model=StageList([stage]), mesh=mesh), state, optimizer=False)
-    return PipelineModel(model.eval(), stage.eval(), mesh, tok, max_length, bos, eos), mesh.group("dp")
+    reshard.load_into(SimpleNamespace(model=StageList([stage]), mesh=mesh, ds=None), state, optimizer=False)
+    return PipelineModel(stage.model.eval(), stage.eval(), mesh, tok, max_length, bos, eos), mesh.group("dp")

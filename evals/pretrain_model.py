@@ -8,7 +8,8 @@ tokenizer adds no BOS either, so both give the same numbers. An imported HF mode
 Logits come from ``model.hidden`` + ``model.head`` on the scored positions only; under tensor parallelism
 ``gather_logits`` assembles the full vocabulary.
 
-A T5 (``encode``/``decode``) is an encoder-decoder model for :mod:`pretrain.evals.seq2seq`: the encoder runs once per
+The family's spec says how a model is scored (``eval_kind``): "causal" as above, or "seq2seq": a T5
+(``encode``/``decode``) is an encoder-decoder model for :mod:`pretrain.evals.seq2seq`: the encoder runs once per
 distinct context, the decoder on the continuations; generation recomputes the decoder per step (our T5 has
 no KV cache; the encoder output is reused). T5's relative positions have no length limit, so ``max_length``
 defaults to lm-eval's 2048, what lm-eval resolves for the exported model (no ``n_positions``). Switch layers
@@ -24,20 +25,26 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from pretrain.evals.model import DEFAULT_MAX_LENGTH, EvalModel, head_on_rows, packed_mask, rows_logits
+from pretrain.models.registry import spec_for_config
 
 
 class PretrainModel(EvalModel):
     def __init__(self, model: torch.nn.Module, tokenizer, max_length: int | None = None,
                  bos_id: int | None = None, eos_id: int | None = None):
-        self.is_encoder_decoder = hasattr(model, "encode") and hasattr(model, "decode")
-        if not self.is_encoder_decoder and not (hasattr(model, "hidden") and hasattr(model, "head")):
-            raise TypeError(f"{type(model).__name__} is neither a decoder-only model (hidden() and head) nor an "
-                            "encoder-decoder model (encode() and decode())")
+        kind = spec_for_config(model.cfg).eval_kind
+        if kind not in ("causal", "seq2seq"):
+            raise TypeError(f"{type(model).__name__}: its family's spec names no evaluation kind this scorer "
+                            "knows (eval_kind must be 'causal' or 'seq2seq')")
+        self.is_encoder_decoder = kind == "seq2seq"
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
-        self.max_length = max_length or getattr(model.cfg, "max_seq_len", None) or DEFAULT_MAX_LENGTH
+        # sequence parallelism splits every width over the tensor ranks: widths are padded to a multiple
+        self.seq_multiple = model.factory.sequence_shards
+        limit = max_length or getattr(model.cfg, "max_seq_len", None) or DEFAULT_MAX_LENGTH
+        self.max_length = limit - limit % self.seq_multiple
         if self.is_encoder_decoder:
             self.decoder_start_token_id = model.cfg.decoder_start_token_id
         bos = bos_id if bos_id is not None else tokenizer.bos_id
@@ -70,11 +77,16 @@ class PretrainModel(EvalModel):
             moe.capacity_factor_eval = factor
             self.model.train(was_training)
 
+    def _pad(self, x: torch.Tensor, value: int) -> torch.Tensor:
+        """``[batch, width]`` right-padded to a multiple of ``seq_multiple`` (a no-op without sequence
+        parallelism); causal attention and masked keys keep the padding out of the real positions."""
+        return F.pad(x, (0, -x.shape[1] % self.seq_multiple), value=value).to(self.device)
+
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
         with self._scoring():
-            h, _ = self.model.hidden(input_ids.to(self.device))
-            return [self.model.layers.gather_logits(x) for x in head_on_rows(self.model.head, h, spans)]
+            h, _ = self.model.hidden(self._pad(input_ids, self.prefix_token_id))
+            return [self.model.factory.gather_logits(x) for x in head_on_rows(self.model.head, h, spans)]
 
     @property
     def supports_packing(self) -> bool:
@@ -83,31 +95,46 @@ class PretrainModel(EvalModel):
     @torch.inference_mode()
     def packed_logits(self, input_ids, position_ids, segment_ids, positions):
         with self._scoring():
-            h, _ = self.model.hidden(input_ids.to(self.device), position_ids.to(self.device),
-                                     mask=packed_mask(segment_ids.to(self.device)))
-            return [self.model.layers.gather_logits(x) for x in rows_logits(self.model.head, h, positions)]
+            h, _ = self.model.hidden(self._pad(input_ids, self.prefix_token_id), self._pad(position_ids, 0),
+                                     mask=packed_mask(self._pad(segment_ids, -1)))
+            return [self.model.factory.gather_logits(x) for x in rows_logits(self.model.head, h, positions)]
 
     @torch.inference_mode()
     def seq2seq_logits(self, encoder_ids, encoder_lens, decoder_ids, owner, decoder_lens):
         with self._scoring():
+            encoder_ids = self._pad(encoder_ids, self.decoder_start_token_id)
             lens = torch.tensor(encoder_lens, device=self.device)
             mask = torch.arange(encoder_ids.shape[1], device=self.device)[None] < lens[:, None]
-            enc = self.model.encode(encoder_ids.to(self.device), mask)
+            enc = self.model.encode(encoder_ids, mask)
             rows = torch.tensor(owner, device=self.device)
-            h = self.model.decode(decoder_ids.to(self.device), enc[rows], mask[rows])
+            h = self.model.decode(self._pad(decoder_ids, self.decoder_start_token_id), enc[rows], mask[rows])
             spans = [(0, n) for n in decoder_lens]
-            return [self.model.layers.gather_logits(x) for x in head_on_rows(self.model.head, h, spans)]
+            return [self.model.factory.gather_logits(x) for x in head_on_rows(self.model.head, h, spans)]
 
     @torch.inference_mode()
     def greedy_generate(self, ids: list[int], max_new_tokens: int, stop: list[str]) -> list[int]:
         new: list[int] = []
         with self._scoring():
-            steps = self._decoder_steps(ids) if self.is_encoder_decoder else self._cached_steps(ids, max_new_tokens)
-            for token in itertools.islice(steps, max_new_tokens):
+            for token in itertools.islice(self._steps(ids, max_new_tokens), max_new_tokens):
                 new.append(token)
                 if token == self.eot_token_id or (stop and any(s in self.decode(new) for s in stop)):
                     break
         return new
+
+    def _steps(self, ids: list[int], max_new_tokens: int) -> Iterator[int]:
+        """Greedy tokens after ``ids``; one-token KV-cache steps cannot be split over sequence-parallel ranks."""
+        if self.is_encoder_decoder:
+            return self._decoder_steps(ids)
+        return self._cached_steps(ids, max_new_tokens) if self.seq_multiple == 1 else self._recomputed_steps(ids)
+
+    def _recomputed_steps(self, ids: list[int]) -> Iterator[int]:
+        """GPT without a KV cache: each token from the whole (left-truncated) sequence."""
+        seq = list(ids)
+        while True:
+            window = seq[-self.max_length:]
+            token = int(self.logits(torch.tensor([window]), [(len(window) - 1, len(window))])[0][-1].argmax())
+            yield token
+            seq.append(token)
 
     def _cached_steps(self, ids: list[int], max_new_tokens: int) -> Iterator[int]:
         """GPT: greedy tokens, each step running only the newest token on the KV cache."""
@@ -120,11 +147,15 @@ class PretrainModel(EvalModel):
 
     def _decoder_steps(self, ids: list[int]) -> Iterator[int]:
         """T5: greedy decoder tokens after the start token; the encoder runs once."""
-        enc = self.model.encode(torch.tensor([ids], device=self.device))
-        out = [self.decoder_start_token_id]
+        start = self.decoder_start_token_id
+        enc_ids = self._pad(torch.tensor([ids]), start)
+        padded = enc_ids.shape[1] > len(ids)
+        mask = torch.arange(enc_ids.shape[1], device=self.device)[None] < len(ids) if padded else None
+        enc = self.model.encode(enc_ids, mask)
+        out = [start]
         while True:
-            h = self.model.decode(torch.tensor([out], device=self.device), enc)[:, -1:]
-            token = int(self.model.layers.gather_logits(self.model.head(h))[0, -1].argmax())
+            h = self.model.decode(self._pad(torch.tensor([out]), start), enc, mask)[:, len(out) - 1:len(out)]
+            token = int(self.model.factory.gather_logits(self.model.head(h))[0, -1].argmax())
             yield token
             out.append(token)
 
@@ -134,12 +165,11 @@ def load_checkpoint_model(path: str | Path, tokenizer: str | Path | None = None,
     """A checkpoint (``DIR/step_N`` or a root with ``latest``, saved under any layout) as an EvalModel.
     The tokenizer defaults to the one the training config names (``pretrain.data.tokenizer``); BOS/EOS ids recorded by
     ``pretrain import`` (``hf_token_ids``) override the tokenizer's guesses."""
-    from pretrain.hf.export import load_model_state
+    from pretrain.hf.export import load_model_state, model_config
     from pretrain.models import build_model
 
     state, meta, step_dir = load_model_state(path)
-    model_cfg = dict(meta["config"]["model"])
-    model = build_model(model_cfg.pop("family"), model_cfg)
+    model = build_model(*model_config(meta, step_dir))
     model.load_state_dict(state)
     tok, bos, eos = checkpoint_tokenizer(meta, step_dir, tokenizer)
     return PretrainModel(model.to(device).eval(), tok, max_length, bos, eos)

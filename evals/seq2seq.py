@@ -16,10 +16,11 @@ Conventions are lm-evaluation-harness's ``hf`` backend with ``backend="seq2seq"`
   size 1; lm-eval's bound grows with the batch's padded prompt width). We generate up to that many, so the
   text cut at the first stop string is the same.
 
-As in :class:`~pretrain.evals.engine.Engine`, rows are batched only with rows of the same padded widths (numbers do not
+As in :class:`~pretrain.evals.engine.Scorer`, rows are batched only with rows of the same padded widths (numbers do not
 depend on the batch size), a request whose decoder input is a prefix of another's with the same encoder input
 reads its scores from that row (MMLU-style one-token answers share one decoder row), and each distinct encoder
-input runs once per batch (multiple-choice endings of one context share the encoder pass).
+input runs once per batch (multiple-choice endings of one context share the encoder pass). :func:`make_scorer`
+picks the scorer for a model.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from pretrain.evals.engine import Engine, TokenPair, _bucket, _pad, _read, longest_extensions, move_trailing_space
+from pretrain.evals.engine import Scorer, TokenPair, _bucket, _pad, _read, longest_extensions, move_trailing_space
+from pretrain.evals.model import EvalModel
 
 
 @dataclass
@@ -40,8 +42,8 @@ class _Pair:
     readers: list[tuple[int, int, list[int]]]  # (request index, end position in the decoder, continuation)
 
 
-class Seq2SeqEngine(Engine):
-    """:class:`~pretrain.evals.engine.Engine` for models with ``is_encoder_decoder`` (same public methods)."""
+class Seq2SeqScorer(Scorer):
+    """:class:`~pretrain.evals.engine.Scorer` for models with ``is_encoder_decoder`` (same public methods)."""
 
     def encode_pairs(self, pairs: list[tuple[str, str]]) -> list[TokenPair]:
         moved = [move_trailing_space(ctx, cont) for ctx, cont in pairs]
@@ -110,3 +112,9 @@ class Seq2SeqEngine(Engine):
         return self.model.seq2seq_logits(_pad([list(e) for e in index], we, pad), [len(e) for e in index],
                                          _pad([r.decoder for r in batch], wd, pad), owner,
                                          [len(r.decoder) for r in batch])
+
+
+def make_scorer(model: EvalModel, **kwargs) -> Scorer:
+    """The scorer for ``model`` (an ``EvalModel``): :class:`Seq2SeqScorer` for encoder-decoder models, else
+    :class:`~pretrain.evals.engine.Scorer`."""
+    return (Seq2SeqScorer if model.is_encoder_decoder else Scorer)(model, **kwargs)

@@ -6,6 +6,11 @@ offline sets built by :mod:`pretrain.evals.local_data`), a split, Jinja2 prompt 
 ``doc_to_target``, ``doc_to_choice``; a bare column name selects that column, as in lm-eval), an
 ``output_type`` and its ``metric_list``. Everything that can be checked before scoring is checked here, so
 bad input fails with the file and key named instead of deep inside the scorer.
+
+Task files may come from anywhere, so they cannot run code: templates render in Jinja2's immutable sandbox (no
+attribute starting with ``_``, no mutation: ``{{ q.__class__.__mro__ }}`` is refused), there is no ``!function``
+(lm-eval's Python hook), and ``dataset_kwargs.trust_remote_code`` is refused. lm-eval itself trusts its task files
+(docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.sandbox
 import yaml
 
 TASK_DIR = Path(__file__).parent / "tasks"
@@ -37,7 +43,7 @@ KNOWN = set(REQUIRED) | {
     # lm-eval keys accepted and ignored: they do not change the scores computed here
     "metadata", "tag", "should_decontaminate", "doc_to_decontamination_query", "output_path", "repeats",
 }
-_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+_ENV = jinja2.sandbox.ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
 class TaskError(ValueError):
@@ -66,6 +72,8 @@ class Task:
             return doc[spec]
         try:
             return _ENV.from_string(str(spec)).render(**doc)
+        except jinja2.exceptions.SecurityError as e:
+            raise TaskError(f"{self.source}: {key} {spec!r}: {e}: task templates run sandboxed") from None
         except jinja2.UndefinedError as e:
             raise TaskError(f"{self.source}: {key} {spec!r}: {e.message}; dataset columns: {sorted(doc)}") from None
 
@@ -180,6 +188,10 @@ def validate_config(cfg: Any, source: str) -> dict:
     unknown = sorted(set(cfg) - KNOWN)
     if unknown:
         raise TaskError(f"{source}: unknown field(s): {', '.join(unknown)} (known: {', '.join(sorted(KNOWN))})")
+    kwargs = cfg.get("dataset_kwargs")
+    if isinstance(kwargs, dict) and kwargs.get("trust_remote_code"):
+        raise TaskError(f"{source}: dataset_kwargs.trust_remote_code is refused (it runs the dataset repository's "
+                        f"code): save the dataset with datasets' save_to_disk and set dataset_path to that directory")
     kind = cfg["output_type"]
     if kind not in METRICS:
         raise TaskError(f"{source}: output_type {kind!r} is not one of {', '.join(METRICS)}")

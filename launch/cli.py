@@ -1,6 +1,6 @@
 """``pretrain launch local|slurm|status|logs|cancel|wait``.
 
-    pretrain launch local --nproc 2 -- train configs/gpt_tiny.yaml train.steps=100
+    pretrain launch local --nproc 2 -- train configs/gpt_tiny.yaml train.micro_batch_size=8 train.steps=100
     pretrain launch slurm --nodes 4 --gpus-per-node 8 --time 24:00:00 -- train configs/gpt_1.3b.yaml
     pretrain launch status runs/gpt_1.3b     # also: logs [-f], cancel, wait
 """
@@ -20,8 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = __doc__.split("\n\n", 1)[1]
     sub = p.add_subparsers(dest="mode", required=True)
 
-    loc = sub.add_parser("local", help="N processes on this machine (torchrun)")
+    loc = sub.add_parser("local", help="N processes on this machine (they die with the launcher)")
     loc.add_argument("--nproc", type=int, default=1, help="number of ranks (default 1)")
+    loc.add_argument("--dry-run", action="store_true",
+                     help="run the pre-flight checks, print the command, start nothing")
     loc.add_argument("command", nargs=argparse.REMAINDER, help="-- train CONFIG [overrides]")
 
     s = sub.add_parser("slurm", help="write RUN_DIR/job.sbatch and submit it with sbatch")
@@ -78,9 +80,14 @@ def _job(args: argparse.Namespace) -> slurm.SlurmJob:
 def run(args: argparse.Namespace) -> int:
     try:
         if args.mode == "local":
-            from pretrain.launch.local import run_local
+            from pretrain.launch.local import LocalJob, run_local
+            from pretrain.preflight import check_command
 
-            run_local(args.nproc, _command(args))  # replaces this process
+            check_command(_command(args), args.nproc)  # once, before any rank starts: one message, exit 2
+            if args.dry_run:
+                print(f"{args.nproc} rank(s): {' '.join(LocalJob(args.nproc, _command(args)).cmd)}")
+                return 0
+            return run_local(args.nproc, _command(args))
         if args.mode == "slurm":
             job = _job(args)
             if args.dry_run:

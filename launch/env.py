@@ -99,26 +99,26 @@ def collective_timeout_s(timeout_s: float | None = None) -> float:
     return float(os.environ.get("PRETRAIN_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
 
 
-def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> DistEnv:
+def init_distributed(device: str = "auto", timeout_s: float | None = None) -> DistEnv:
     """Detect the launcher and, when there is more than one rank, join the process group.
 
-    ``backend`` defaults to ``nccl`` when CUDA is available, else ``gloo``. ``timeout_s`` bounds every
-    collective (default ``PRETRAIN_DIST_TIMEOUT`` or 600 s): a dead peer becomes an error naming the
-    operation instead of an endless wait. Single processes get no process group.
+    ``device`` is ``train.device`` (auto | cpu | cuda): the backend follows it (:mod:`pretrain.devices`: gloo
+    for CPU training even on a GPU host, ``cpu:gloo,cuda:nccl`` for GPU training, this rank's GPU being
+    ``LOCAL_RANK % visible GPUs``). ``timeout_s`` bounds every collective (default ``PRETRAIN_DIST_TIMEOUT`` or
+    600 s): a dead peer becomes an error naming the operation instead of an endless wait. Single processes get
+    no process group.
     """
-    import torch
     import torch.distributed as dist
+
+    from pretrain.devices import backend_for, resolve
 
     denv = detect()
     if not denv.is_distributed or dist.is_initialized():
         return denv
     export(denv)
-    use_cuda = torch.cuda.is_available() and backend in (None, "nccl")
-    backend = backend or ("nccl" if use_cuda else "gloo")
-    kwargs = {}
-    if use_cuda:
-        torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
-        kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
+    where = resolve(device)
+    backend = backend_for(where)
+    kwargs = {"device_id": where} if where.type == "cuda" else {}
     timeout = datetime.timedelta(seconds=collective_timeout_s(timeout_s))
     dist.init_process_group(backend, init_method="env://", rank=denv.rank, world_size=denv.world_size,
                             timeout=timeout, **kwargs)

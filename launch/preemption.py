@@ -1,9 +1,17 @@
 """Stopping cleanly: preemption warnings, requeueing, and a watchdog for hangs.
 
-A stop is requested by SIGUSR1/SIGTERM to this process, or by the file named in ``PRETRAIN_STOP_FILE``: the
-Slurm job script creates it when Slurm sends the time-limit warning, because a signal to the job does not
-pass through torchrun's agent to the workers, while a file in the shared run directory reaches them all.
-Rank 0 watches the file; the trainer's per-step all-reduce of the flag makes every rank stop at the same step.
+A stop is requested by SIGUSR1, SIGTERM or SIGINT (Ctrl-C) to this process, or by the file named in
+``PRETRAIN_STOP_FILE``: the Slurm job script creates it when Slurm sends the time-limit warning, because a signal to
+the job does not pass through torchrun's agent to the workers, while a file in the shared run directory reaches them
+all. Rank 0 watches the file; the trainer's per-step all-reduce of the flag makes every rank stop at the same step.
+
+A stop waits for the end of the current step, which may never come (a data pipeline looping, a peer that hangs), so:
+
+* a second stop signal ends the process at once, without saving, with exit code ``128 + signal`` (the previous
+  checkpoint is intact: saves are atomic);
+* with ``can_wait`` given (the trainer's "a step has finished"), a signal that comes while it is false, i.e. before
+  the first step of this process, exits at once too: there is nothing new to save. The exit code is 75 when the run
+  is ``resumable`` (``--resume auto`` continues from the last checkpoint, or from the start), else ``128 + signal``.
 
 The trainer (``pretrain/train.py``) uses it as::
 
@@ -41,12 +49,16 @@ class PreemptionHandler:
     """Turns termination signals and the stop file into a "stop requested" flag, checked between steps."""
 
     def __init__(self, on_stop: Callable[[str], None] | None = None,
-                 signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM), stop_file: str | None = None,
-                 poll_s: float = 0.5):
+                 signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT),
+                 stop_file: str | None = None, poll_s: float = 0.5, can_wait: Callable[[], bool] | None = None,
+                 resumable: bool = True):
         self.on_stop = on_stop
         self.signals = signals
         self.stop_file = stop_file if stop_file is not None else os.environ.get("PRETRAIN_STOP_FILE")
         self.poll_s = poll_s
+        self.can_wait = can_wait
+        self.resumable = resumable
+        self._signalled = False
         self.reason: str | None = None  # why a stop was requested (signal name or "stop file")
         self._agreed = False
         self._previous: dict[int, object] = {}
@@ -57,7 +69,7 @@ class PreemptionHandler:
         """Register the signal handlers (main thread only) and, on rank 0, watch the stop file."""
         handler = cls(on_stop, **kwargs)
         for sig in handler.signals:
-            handler._previous[sig] = signal.signal(sig, lambda num, _frame: handler.request(signal.Signals(num).name))
+            handler._previous[sig] = signal.signal(sig, handler._on_signal)
         if handler.stop_file and detect().rank == 0:
             threading.Thread(target=handler._watch_stop_file, name="pretrain-stop-file", daemon=True).start()
         return handler
@@ -68,9 +80,21 @@ class PreemptionHandler:
             signal.signal(sig, previous)
         self._previous.clear()
 
+    def _on_signal(self, signum: int, _frame=None) -> None:
+        name = signal.Signals(signum).name
+        if self._signalled:
+            _exit_now(f"second stop signal ({name}): exiting now without saving", 128 + signum)
+        self._signalled = True
+        if self.can_wait is not None and not self.can_wait():
+            self.reason = name
+            code = PREEMPTED_EXIT_CODE if self.resumable else 128 + signum
+            _exit_now(f"stop requested ({name}) before the first step: exiting now, nothing new to save", code)
+        self.request(name)
+
     def request(self, reason: str) -> None:
         if self.reason is None:
-            _log(f"stop requested ({reason}): will save a checkpoint and stop after this step")
+            then = "save a checkpoint and stop" if self.resumable else "stop without saving (no checkpoint.dir)"
+            _log(f"stop requested ({reason}): will {then} after this step")
             self.reason = reason
             if self.on_stop is not None:
                 self.on_stop(reason)
@@ -105,6 +129,16 @@ class PreemptionHandler:
         if os.environ.get("PRETRAIN_JOB_SCRIPT_REQUEUES") == "1":
             return False
         return detect().rank == 0 and requeue()
+
+
+def _exit_now(msg: str, code: int) -> None:
+    """End the process from a signal handler, whatever the main thread is waiting for (no cleanup can hang)."""
+    os.write(2, f"[launch] {msg} (exit {code})\n".encode())  # not sys.stderr: the main thread may hold its lock
+    try:
+        sys.stdout.flush()
+    except RuntimeError:  # "reentrant call": the main thread was writing to stdout when the signal came
+        pass
+    os._exit(code)
 
 
 def install(on_stop: Callable[[str], None] | None = None, **kwargs) -> PreemptionHandler:
@@ -151,7 +185,8 @@ class Watchdog:
         return self
 
     def beat(self, step: int | None = None, phase: str = "train step") -> None:
-        self.step, self.phase, self._last = step, phase, time.monotonic()
+        self.step, self.phase = step, phase
+        self._last = time.monotonic()
 
     def stop(self) -> None:
         self._done.set()
@@ -165,7 +200,8 @@ class Watchdog:
                 denv = detect()
                 _log(f"WATCHDOG: rank {denv.rank}/{denv.world_size} on {denv.node_name} made no progress for "
                      f"{idle:.0f} s (limit {self.timeout_s:g} s) in '{self.phase}'; last step: {self.step}. "
-                     f"Stacks of all threads follow.")
+                     f"Stacks of all threads follow: a stack inside a collective waits for another rank; the "
+                     f"stuck rank is the one whose stack is elsewhere or whose last step is lower.")
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 sys.stderr.flush()
                 os._exit(self.exit_code)

@@ -2,7 +2,9 @@
 
 The script (``RUN_DIR/job.sbatch``, resubmittable by hand) runs one ``srun`` task per node that starts
 torchrun with a c10d rendezvous on the allocation's first node (or, with ``--task-per-rank``, one srun task
-per rank and no torchrun). ``--kill-on-bad-exit=1`` ends the whole job seconds after any rank dies.
+per rank and no torchrun). ``--kill-on-bad-exit=1`` ends the whole job seconds after any rank dies. srun gets
+``--cpus-per-task`` explicitly (it no longer inherits sbatch's): ``--cpus-per-task`` if given, else the job takes
+whole nodes (``--exclusive``) and each task gets the node's CPUs / tasks per node.
 Slurm sends the batch shell SIGUSR1 ``--signal-seconds`` before the time limit; the script then creates
 ``RUN_DIR/stop-requested``, the trainer checkpoints and exits (code 75), and the script requeues the job
 (at most ``--requeue-limit`` times); the requeued run resumes with ``--resume auto``.
@@ -45,7 +47,7 @@ class SlurmJob:
     constraint: str | None = None
     exclusive: bool = False
     mem: str | None = None
-    cpus_per_task: int | None = None
+    cpus_per_task: int | None = None  # per srun task (per node with torchrun); None: --exclusive, all the CPUs
     requeue_limit: int = 3
     signal_seconds: int = 300
     task_per_rank: bool = False
@@ -71,7 +73,7 @@ def _header(job: SlurmJob) -> list[str]:
     opts += [("cpus-per-task", job.cpus_per_task), ("partition", job.partition), ("time", job.time),
              ("account", job.account), ("qos", job.qos), ("constraint", job.constraint), ("mem", job.mem)]
     lines = [f"#SBATCH --{k}={v}" for k, v in opts if v is not None]
-    if job.exclusive:
+    if job.exclusive or (job.cpus_per_task is None and not job.array):  # no CPU count given: whole nodes
         lines.append("#SBATCH --exclusive")
     if job.array:
         lines += [f"#SBATCH --array=0-{job.array - 1}", f"#SBATCH --output={job.run_dir}/logs/%x-%A_%a.out"]
@@ -93,8 +95,10 @@ export PRETRAIN_JOB_SCRIPT_REQUEUES=1                 # this script requeues, on
 rm -f "$PRETRAIN_STOP_FILE"                           # left over from the run before a requeue
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+# srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05): each task gets its share of the node's CPUs
+CPUS_PER_TASK=${{SLURM_CPUS_PER_TASK:-$((SLURM_CPUS_ON_NODE / {tasks}))}}
 echo "[pretrain] $(date +%T) job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NODELIST," \\
-     "{layout}, rendezvous $MASTER_ADDR:$MASTER_PORT"
+     "{layout}, $CPUS_PER_TASK CPUs per task, rendezvous $MASTER_ADDR:$MASTER_PORT"
 
 preempted=0
 on_warning() {{
@@ -149,14 +153,14 @@ def render_script(job: SlurmJob) -> str:
     layout = (f"{job.nodes} nodes x {job.gpus_per_node} ranks = {job.world_size} ranks, "
               + ("one torchrun agent per node" if per_node else "one srun task per rank"))
     tasks = 1 if per_node else job.gpus_per_node
-    srun = f"srun --kill-on-bad-exit=1 --ntasks-per-node={tasks}"
+    srun = f'srun --kill-on-bad-exit=1 --ntasks-per-node={tasks} --cpus-per-task="$CPUS_PER_TASK"'
     if per_node:
         launch, who = _PER_NODE.format(gpus=job.gpus_per_node), "node $SLURMD_NODENAME (node rank $SLURM_NODEID)"
     else:
         launch, who = '"$0" -m pretrain.cli "$@"', "rank $SLURM_PROCID on node $SLURMD_NODENAME"
     body = _TRAIN_BODY.format(run_dir=shlex.quote(str(job.run_dir)), python=shlex.quote(job.python),
-                              requeue_limit=job.requeue_limit, layout=layout, srun=srun, launch=launch, who=who,
-                              command=_q(job.command))
+                              requeue_limit=job.requeue_limit, layout=layout, tasks=tasks, srun=srun, launch=launch,
+                              who=who, command=_q(job.command))
     intro = [f"# Written by `pretrain launch slurm`: {layout}.",
              f"# Resubmit with: sbatch {job.run_dir}/job.sbatch"]
     return "\n".join(["#!/bin/bash", *intro, *_header(job), "", body])
@@ -202,37 +206,18 @@ def split_prepare_inputs(command: list[str], n: int, workdir: Path) -> tuple[lis
 
 
 def check_train_command(job: SlurmJob) -> None:
-    """Catch what would only fail after the allocation starts: a layout that does not divide the ranks,
-    a batch that does not split over data-parallel ranks, missing data shards."""
+    """The pre-flight check (:mod:`pretrain.preflight`: config, layout for ``nodes x gpus`` ranks, data files) of
+    the job's command, so that what would fail only after the allocation starts fails now."""
     if job.nodes < 1 or job.gpus_per_node < 1:
         raise LaunchError(f"--nodes and --gpus-per-node must be >= 1, got {job.nodes} and {job.gpus_per_node}")
-    if not job.command or job.command[0] != "train" or len(job.command) < 2:
-        return
-    from pretrain.config import ConfigError, load_config
+    from pretrain.configlib import ConfigError
+    from pretrain.preflight import check_command
 
-    config = job.command[1]
-    overrides = [a for a in job.command[2:] if "=" in a and not a.startswith("-")]
     try:
-        cfg = load_config(job.workdir / config if not os.path.isabs(config) else config, overrides)
+        cfg = check_command(job.command, job.world_size, root=job.workdir)
     except ConfigError as e:
-        raise LaunchError(f"config error: {e}") from None
-    p, t = cfg.parallel, cfg.train
-    model_parallel = p.tp * p.pp
-    where = f"{job.nodes} nodes x {job.gpus_per_node} GPUs = {job.world_size} ranks"
-    if job.world_size % model_parallel:
-        raise LaunchError(f"{where} is not divisible by parallel.tp x parallel.pp = {p.tp} x {p.pp}")
-    dp = job.world_size // model_parallel
-    if dp % p.ep:
-        raise LaunchError(f"data-parallel size {dp} ({where} / tp*pp) is not divisible by parallel.ep={p.ep}")
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise LaunchError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-                          f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
-    for prefix in [x for x in list(cfg.data.train) + list(cfg.data.valid) if isinstance(x, str)]:
-        base = job.workdir / prefix if not os.path.isabs(prefix) else Path(prefix)
-        missing = [str(base) + ext for ext in (".bin", ".idx") if not Path(str(base) + ext).is_file()]
-        if missing:
-            raise LaunchError(f"{config}: data shard files not found: {', '.join(missing)}")
-    if not cfg.checkpoint.dir:
+        raise LaunchError(f"{job.nodes} nodes x {job.gpus_per_node} GPUs: {e}") from None
+    if cfg is not None and not cfg.checkpoint.dir:
         print("warning: checkpoint.dir is not set: a preempted or failed job cannot resume", file=sys.stderr)
 
 

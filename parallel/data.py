@@ -1,30 +1,31 @@
 """Our own data-parallel step, for layouts DeepSpeed's engine cannot drive (pipelines, expert parallelism).
 
-* Each micro-batch's LM loss sum is divided by the global token count (and aux losses by the global number of
-  micro-batches), so gradients are *summed* over the data group: dense parameters over ``dp``, expert
-  parameters (``p.expert_parallel``) only over their expert-data-parallel group ``edp``, since the other data
-  ranks hold different experts.
+* The loss arithmetic is the shared one (:mod:`pretrain.step`), so gradients are *summed* over the data group:
+  dense parameters over ``dp``, expert parameters (``p.expert_parallel``) only over their expert-data-parallel
+  group ``edp``, since the other data ranks hold different experts.
 * Clipping by the true global norm: replicated parameters counted once per model replica (tensor rank 0),
   tensor shards summed over the tensor x pipeline group, distinct experts summed over the expert group; a
   pipeline's copy of a tied embedding (``p.pipeline_copy``) is not counted twice.
 * ZeRO-1: torch's ``ZeroRedundancyOptimizer`` shards the optimizer state over the data group (expert
   parameters over the expert-data group).
+* ``train.precision=bf16``: forwards run under bf16 autocast, as in the local engine.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from pretrain.parallel.mesh import Mesh
+from pretrain import step
 from pretrain.config import Config
-from pretrain.engine import Engine, move
+from pretrain.devices import autocast
+from pretrain.engine import Engine, EvalResult, StepResult
 from pretrain.optim import build_optimizer
+from pretrain.parallel.mesh import Mesh
 
 
 def _is_expert(p: torch.Tensor) -> bool:
@@ -61,45 +62,36 @@ class DataParallelEngine(Engine):
                 out.append(ZeroRedundancyOptimizer(groups, type(opt), process_group=self.mesh.group(group), **kwargs))
         return out
 
-    def _global_tokens(self, micro_batches: list[dict]) -> float:
-        t = torch.tensor([sum(float(mb["loss_mask"].sum()) for mb in micro_batches)], dtype=torch.float64,
-                         device=self.device)
-        dist.all_reduce(t, group=self.mesh.group("dp"))
-        return t.item()
-
-    def _forward_backward(self, micro_batches: list[dict], total_tokens: float, train: bool) -> torch.Tensor:
+    def _forward_backward(self, micro_batches: list[dict], tokens: torch.Tensor, train: bool) -> torch.Tensor:
         """This rank's ``[LM loss sum, aux loss sum]`` over its micro-batches, kept on the device (no host sync
         between micro-batches); backward when ``train``."""
         n_micro = len(micro_batches) * self.dp_size
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         for mb in micro_batches:
-            out = self.model(**move(mb, self.device))
-            aux_i = out.loss - out.lm_loss_sum / out.num_tokens.clamp(min=1)
+            with autocast(self.cfg, self.device):
+                out = self.model(**step.move(mb, self.device))
+            scaled, row = step.objective(out, tokens, n_micro)
             if train:
-                (out.lm_loss_sum / max(total_tokens, 1.0) + aux_i / n_micro).backward()
-            sums += torch.stack([out.lm_loss_sum.detach(), aux_i.detach()]).double()
+                scaled.backward()
+            sums += row
         return sums
 
-    def train_step(self, micro_batches, lr):
+    def train_step(self, micro_batches: list[dict], lr: float, stop: bool = False) -> StepResult:
         self.model.train()
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
-        total_tokens = self._global_tokens(micro_batches)
-        sums = self._forward_backward(micro_batches, total_tokens, train=True)
-        dist.all_reduce(sums, group=self.mesh.group("dp"))
+        vote = step.stop_vote(stop, self.device)
+        tokens = step.global_tokens(micro_batches, self.device, self.dp_group)
+        sums = step.all_reduce(self._forward_backward(micro_batches, tokens, train=True), self.dp_group)
         self._all_reduce_grads()
         norm = self._clip(self.cfg.optimizer.clip_grad)
-        lm_sum, aux, grad_norm = torch.cat([sums, norm.reshape(1).double()]).tolist()  # the step's one host sync
-        lm_loss = lm_sum / max(total_tokens, 1.0)
-        loss = lm_loss + aux / (len(micro_batches) * self.dp_size)
-        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        result = step.finish(sums, norm, tokens, len(micro_batches) * self.dp_size, vote)
         for opt in self.optimizers:
-            if not skipped:
+            if not result.skipped:
                 opt.step()
             opt.zero_grad(set_to_none=True)
-        return {"loss": loss, "lm_loss": lm_loss, "grad_norm": grad_norm, "num_tokens": total_tokens,
-                "skipped": float(skipped)}
+        return result
 
     def _all_reduce_grads(self) -> None:
         for expert, group in ((False, "dp"), (True, "edp")):
@@ -130,23 +122,21 @@ class DataParallelEngine(Engine):
         return norm
 
     @torch.no_grad()
-    def eval_step(self, micro_batches):
+    def eval_step(self, micro_batches: list[dict]) -> EvalResult:
         self.model.eval()
-        sums = self._forward_backward(micro_batches, 1.0, train=False)
-        sums[1] = sum(float(mb["loss_mask"].sum()) for mb in micro_batches)  # tokens (CPU batches: no sync)
-        dist.all_reduce(sums, group=self.mesh.group("dp"))
-        lm_sum, tokens = sums.tolist()
-        return {"lm_loss_sum": lm_sum, "num_tokens": tokens}
+        sums = self._forward_backward(micro_batches, torch.ones((), device=self.device), train=False)
+        sums[1] = step.local_tokens(micro_batches, self.device)  # summed over the data group below
+        return step.eval_result(sums, self.dp_group)
 
-    def _local_optimizers(self) -> list[torch.optim.Optimizer]:
+    def local_optimizers(self) -> list[torch.optim.Optimizer]:
         """This rank's own optimizers (its shards under ZeRO-1): what a same-layout checkpoint saves."""
         return [getattr(opt, "optim", opt) for opt in self.optimizers]
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                "optimizer": [opt.state_dict() for opt in self._local_optimizers()]}
+                "optimizer": [opt.state_dict() for opt in self.local_optimizers()]}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        for opt, saved in zip(self._local_optimizers(), state["optimizer"], strict=True):
+        for opt, saved in zip(self.local_optimizers(), state["optimizer"], strict=True):
             opt.load_state_dict(saved)

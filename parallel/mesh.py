@@ -9,16 +9,24 @@ Megatron and DeepSpeed-MoE: ``dp = ep * expert_dp``; consecutive data ranks form
 different experts and exchange tokens), and ranks with the same expert index form the expert-data-parallel
 group (over which expert gradients are averaged).
 
-Groups are plain ``torch.distributed`` groups, so the same code runs on gloo (CPU) and NCCL (GPU). Every rank
-creates every group in the same order, as ``new_group`` requires.
+Groups are plain ``torch.distributed`` groups, so the same code runs on gloo (CPU) and NCCL (GPU). Each rank
+creates only the groups it belongs to (:func:`group_plan`), with ``use_local_synchronization`` (a barrier among
+the group's members, not the world), each distinct rank list once (with pp=1 the tensor group is the model
+group), and one group of itself for all its size-1 kinds: 3 ``new_group`` calls per rank at 512 ranks with tp=8
+instead of 1,168 world-wide barriers. Every rank walks the kinds in the same order, so the local barriers
+cannot deadlock (each kind partitions the world).
 """
 
 from __future__ import annotations
 
+import datetime
+import os
 from dataclasses import dataclass
 
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
+
+SLOW_BARRIER_TIMEOUT_S = 3600.0  # PRETRAIN_BARRIER_TIMEOUT overrides it
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,12 @@ class Layout:
         return out
 
 
+def group_plan(layout: Layout, rank: int) -> dict[str, list[int]]:
+    """The ranks of each kind's group that ``rank`` belongs to, kinds in :meth:`Layout.groups` order."""
+    return {kind: next(ranks for ranks in rank_lists if rank in ranks)
+            for kind, rank_lists in layout.groups().items()}
+
+
 class Mesh:
     """This rank's process groups and coordinates. Build once per process after ``init_process_group``."""
 
@@ -84,13 +98,14 @@ class Mesh:
         self.pp_rank, self.dp_rank, self.tp_rank = layout.coords(self.rank)
         self.ep_rank = self.dp_rank % layout.ep
         self.edp_rank = self.dp_rank // layout.ep
-        self.ranks: dict[str, list[int]] = {}
+        self.ranks = {kind: ranks for kind, ranks in group_plan(layout, self.rank).items()}
         self._groups: dict[str, ProcessGroup] = {}
-        for kind, rank_lists in layout.groups().items():
-            for ranks in rank_lists:
-                group = dist.new_group(ranks)  # collective: every rank calls it for every group
-                if self.rank in ranks:
-                    self.ranks[kind], self._groups[kind] = ranks, group
+        made: dict[tuple[int, ...], ProcessGroup] = {}
+        for kind, ranks in self.ranks.items():
+            key = tuple(ranks) if len(ranks) > 1 else (self.rank,)
+            if key not in made:  # only this group's members call it: a local barrier, not a global one
+                made[key] = dist.new_group(list(key), use_local_synchronization=True)
+            self._groups[kind] = made[key]
 
     def group(self, kind: str) -> ProcessGroup:
         """``kind``: tp, dp, pp, mp (tensor x pipeline), ep (expert), edp (expert data parallel)."""
@@ -108,6 +123,24 @@ class Mesh:
         lay = self.layout
         return (f"Mesh(rank={self.rank}, tp={self.tp_rank}/{lay.tp}, dp={self.dp_rank}/{lay.dp}, "
                 f"pp={self.pp_rank}/{lay.pp}, ep={self.ep_rank}/{lay.ep})")
+
+
+class SlowBarrier:
+    """A barrier of every rank around slow work (checkpoint writes, evaluations): its own gloo group with a long
+    timeout (``PRETRAIN_BARRIER_TIMEOUT`` seconds, default 1 h), so waiting for rank 0 to publish a large
+    checkpoint is bounded by neither the training collectives' timeout nor the NCCL watchdog, and
+    ``monitored_barrier`` names the rank that never arrives. Creating it is collective: every rank, once."""
+
+    def __init__(self, timeout_s: float | None = None):
+        seconds = float(os.environ.get("PRETRAIN_BARRIER_TIMEOUT", SLOW_BARRIER_TIMEOUT_S)) if timeout_s is None \
+            else timeout_s
+        self.timeout = datetime.timedelta(seconds=seconds)
+        alone = not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
+        self.group = None if alone else dist.new_group(backend="gloo", timeout=self.timeout)
+
+    def __call__(self) -> None:
+        if self.group is not None:
+            dist.monitored_barrier(self.group, timeout=self.timeout)
 
 
 class DeepSpeedMPU:

@@ -1,56 +1,34 @@
 """Check a parallel layout against the model and the world size before any process starts.
 
-``validate(cfg)`` runs inside config loading (no world size known yet); ``validate_layout(cfg, world_size)``
-adds the checks that need it (launchers call it with ``--nproc``/``nodes x gpus`` before starting processes).
-Every error names the config key and says what would work instead.
+``validate(cfg)`` needs no world size; ``validate_layout(cfg, world_size)`` adds the checks that need it. Both
+are part of the pre-flight step (:mod:`pretrain.preflight`), which ``pretrain train`` runs with its own world
+size and the launchers with ``--nproc`` / ``nodes x gpus`` before starting processes; the parallel engine
+checks again when it builds. Every error names the config key and says what would work instead.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from pretrain.config import Config, ConfigError
-
-
-def _model_sizes(cfg: Config) -> dict[str, int]:
-    """The dimensions tensor parallelism splits, by family (name in the message -> size)."""
-    m: Any = cfg.model
-    if cfg.family == "t5":
-        return {"model.num_heads": m.num_heads, "model.d_ff": m.d_ff, "model.vocab_size": m.vocab_size}
-    sizes = {"model.num_heads": m.num_heads, "model.num_kv_heads": m.kv_heads,
-             "model.ffn_hidden_size": m.ffn_size, "model.vocab_size": m.vocab_size}
-    if not m.llama:  # learned position embeddings are split like a vocabulary
-        sizes["model.max_seq_len"] = m.max_seq_len
-    return sizes
-
-
-def _num_layers(cfg: Config) -> int:
-    m: Any = cfg.model
-    return m.num_layers + (m.decoder_layers if cfg.family == "t5" else 0)
+from pretrain.config import Config
+from pretrain.configlib import ConfigError, need
+from pretrain.models.registry import family_spec
 
 
 def validate(cfg: Config) -> None:
     """World-size independent checks of ``cfg.parallel`` against ``cfg.model`` and ``cfg.data``."""
-    p = cfg.parallel
-
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
+    p, spec = cfg.parallel, family_spec(cfg.family)
     if p.tp > 1:
-        for key, size in _model_sizes(cfg).items():
+        for key, size in spec.tp_sizes(cfg.model).items():
             need(size % p.tp == 0, f"parallel.tp={p.tp} does not divide {key}={size}: tensor parallelism splits "
                                    f"it across ranks; pick tp among the common divisors, or change {key}")
     need(not p.sp or p.tp > 1, "parallel.sp=true needs parallel.tp > 1 (sequence parallelism shards the "
                                "sequence over the tensor-parallel ranks)")
     if p.sp:
-        seq_keys = ["data.seq_length"] + (["data.decoder_seq_length"] if cfg.family == "t5" else [])
-        for key in seq_keys:
+        for key in spec.sequence_keys:
             n = getattr(cfg.data, key.split(".")[1])
             need(n % p.tp == 0, f"parallel.sp with tp={p.tp} needs {key} ({n}) divisible by tp")
     need(p.vpp == 1 or p.pp > 1, f"parallel.vpp={p.vpp} (virtual stages) needs parallel.pp > 1")
     if p.pp > 1:
-        layers = _num_layers(cfg)
+        layers = spec.pipeline_blocks(cfg.model)
         need(layers >= p.pp * p.vpp, f"parallel.pp={p.pp} x vpp={p.vpp} stages need at least that many layers; "
                                      f"the model has {layers}")
     moe = cfg.model.moe
@@ -79,6 +57,14 @@ def validate(cfg: Config) -> None:
         need(p.zero <= 1, f"parallel.ep={p.ep} with parallel.zero={p.zero}: the expert-parallel engine shards "
                           f"optimizer state (ZeRO-1) but not gradients or parameters; use parallel.zero=1 with "
                           f"ep={p.ep}, or ep=1 with zero={p.zero}")
+    if cfg.train.eval_tasks:
+        # data-parallel replicas score different requests, so no collective may span replicas
+        pipeline_ok = p.pp == 1 or (spec.pipeline_eval and p.vpp == 1)
+        need(pipeline_ok and p.ep == 1 and p.zero < 3,
+             f"train.eval_tasks scores the live model, which needs parallel.ep=1, zero<3 and, with pp>1, a "
+             f"family evaluation can split over stages (GPT) without interleaving (got family={cfg.family}, "
+             f"pp={p.pp}, vpp={p.vpp}, ep={p.ep}, zero={p.zero}); "
+             "drop train.eval_tasks and run `pretrain eval --checkpoint` on the saved checkpoints instead")
 
 
 def validate_layout(cfg: Config, world_size: int) -> None:
@@ -87,8 +73,9 @@ def validate_layout(cfg: Config, world_size: int) -> None:
     p, t = cfg.parallel, cfg.train
     model_parallel = p.tp * p.pp
     if world_size % model_parallel:
-        raise ConfigError(f"{world_size} processes are not divisible by parallel.tp x parallel.pp = "
-                          f"{p.tp} x {p.pp}; use a multiple of {model_parallel} processes")
+        raise ConfigError(f"{world_size} processes are not divisible by parallel.tp x parallel.pp = {p.tp} x "
+                          f"{p.pp}: start a multiple of {model_parallel} processes (e.g. `pretrain launch local "
+                          f"--nproc {model_parallel} -- train ...`) or lower parallel.tp/pp")
     dp = world_size // model_parallel
     if dp % p.ep:
         raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel size {dp} (= {world_size} "

@@ -1,6 +1,7 @@
 """``pretrain ckpt inspect DIR`` and ``pretrain ckpt consolidate DIR OUT``.
 
-``inspect`` prints step, consumed samples, layout, every tensor (global shape, dtype, split) and file sizes.
+``inspect`` prints step, consumed samples, layout, every tensor (global shape, dtype, split) and file sizes, and
+verifies every file against the size and checksum ``meta.json`` records (exit 1 naming a damaged file).
 ``consolidate`` writes OUT as a one-rank checkpoint root (``OUT/step_N/model_rank00000.safetensors``, the
 single-file full model, plus ``meta.json`` and the full Adam moments when saved), which every layout, the HF
 exporter and ``checkpoint.init_from`` can read.
@@ -66,7 +67,26 @@ def inspect(path: str) -> str:
     files = sorted(p for p in step_dir.iterdir() if p.is_file())
     size = sum(p.stat().st_size for p in files)
     lines.append(f"{len(tensors)} tensors, {numel:,} elements; {len(files)} files, {size / 2**20:.2f} MiB")
+    lines.append(verify(step_dir, meta))
     return "\n".join(lines)
+
+
+def verify(step_dir: Path, meta: dict) -> str:
+    """Check every file ``meta.json`` records (size and checksum); raises CheckpointError naming each damaged one."""
+    from pretrain.checkpoint import CHECKSUM, verify_file
+
+    recorded = meta.get("files")
+    if not recorded:
+        return "files not verified: this checkpoint records no checksums (saved by an older version)"
+    problems = []
+    for name in recorded:
+        try:
+            verify_file(step_dir / name, meta)
+        except CheckpointError as e:
+            problems.append(str(e))
+    if problems:
+        raise CheckpointError("\n".join(problems))
+    return f"{len(recorded)} files verified (size and {CHECKSUM})"
 
 
 def consolidate_to(path: str, out: str, optimizer: bool = True) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from types import ModuleType
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -18,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("pretrain.data.prepare", "tokenize corpora into Megatron .bin/.idx shards"),
     "data": ("pretrain.data.cli", "inspect or merge tokenized shards"),
     "train": ("pretrain.train", "train a model from a YAML config"),
+    "config": ("pretrain.config_cli", "list the config keys with type, default and doc"),
     "schedule": ("pretrain.schedule_cli", "plot the LR and batch-size schedule of a config"),
     "plot": ("pretrain.plot", "plot loss/LR/throughput curves of a run"),
     "ckpt": ("pretrain.ckpt_cli", "inspect or consolidate checkpoints"),
@@ -36,17 +38,51 @@ def _top_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        _top_parser().parse_args(argv[:1] or ["--help"])
-        return 2
-    name, rest = argv[0], argv[1:]
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean bad input, not a bug: their message names the key or file and the fix."""
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.configlib import ConfigError
+    from pretrain.data.corpus import CorpusError
+    from pretrain.data.indexed import ShardError
+    from pretrain.evals.tasks import TaskError
+
+    return ConfigError, CheckpointError, CorpusError, ShardError, TaskError
+
+
+def parse_command(name: str, argv: list[str]) -> tuple[ModuleType, argparse.Namespace]:
+    """The module of command ``name`` and its parsed arguments ``argv``; options and positionals may come in
+    any order (``train CFG --resume auto train.steps=3``), except in commands with sub-commands or a
+    ``-- COMMAND...`` remainder."""
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"pretrain {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    try:
+        return module, parser.parse_intermixed_args(argv)
+    except TypeError:  # argparse cannot intermix sub-commands or a remainder: they parse in order
+        return module, parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input is one line on stderr and exit code 2; ``--debug`` shows the traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        parser = _top_parser()
+        sys.stderr.write(parser.format_usage() + parser.epilog + "\n")
+        return 2
+    if argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        _top_parser().parse_args(argv[:1])
+    from pretrain.console import quiet_third_party
+
+    quiet_third_party()  # before the command imports torch, DeepSpeed or megatron-core
+    module, args = parse_command(argv[0], argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except Exception as e:
+        if args.debug or not isinstance(e, _user_errors()):
+            raise
+        print(f"pretrain {argv[0]}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

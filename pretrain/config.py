@@ -1,47 +1,35 @@
 """The training config: one tree of dataclasses, loaded from YAML plus dotted ``key=value`` overrides.
 
-Everything is validated before any work starts; errors name the key and say how to fix it (unknown keys
-get a "did you mean"). The ``model`` section is family-specific: ``model.family`` picks the dataclass
-from :func:`pretrain.models.config_class`, which validates the rest of the section.
+Each section is a dataclass that checks its own values (``validate()``); :meth:`Config.validate` adds the
+checks that span sections. Errors name the key and say how to fix it (unknown keys get a "did you mean").
+The ``model`` section is family-specific: ``model.family`` picks the dataclass from the family registry
+(:func:`pretrain.models.registry.model_config`), which validates the rest of the section. The generic
+dict -> dataclass machinery lives in :mod:`pretrain.configlib`; the checks that need other packages (the
+parallel layout against the model and the world size, data files, eval tasks, the resume path) are the
+explicit pre-flight step, :mod:`pretrain.preflight`, which every entry point runs before starting work.
+
+The doc comment next to each field is what ``pretrain config keys`` prints: keep one on every field.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib
 import os
-import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pretrain.schedule import DECAY_STYLES, SCALING_RULES, WSD_DECAY_STYLES
+from pretrain.configlib import (ConfigError, dataclass_from_dict, load_yaml, merge, need, parse_overrides, plain,
+                                suggest)
 
+__all__ = ["ConfigError", "Config", "dataclass_from_dict", "from_dict", "load_config", "merge", "parse_overrides",
+           "save_config"]
 
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 as PyYAML reads it, except that ``1e-5`` and ``3E+4`` are floats (PyYAML wants ``1.0e-5``)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                    |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
-
-
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
-
-
-class ConfigError(ValueError):
-    """A config key is unknown, has the wrong type or an invalid value; the message names the key."""
+DECAY_STYLES = ("constant", "linear", "cosine", "inverse_sqrt", "wsd")
+WSD_DECAY_STYLES = ("linear", "cosine", "sqrt")
+SCALING_RULES = ("none", "linear", "sqrt")
 
 
 @dataclass
@@ -51,97 +39,177 @@ class DataConfig:
     train: list = field(default_factory=list)  # ["PREFIX", ...] or [weight, "PREFIX", weight, "PREFIX", ...]
     valid: list = field(default_factory=list)  # separate validation prefixes; empty = split off `split`
     split: str = "98,2,0"  # train,valid,test proportions of `train` when `valid` is empty
-    tokenizer: str | None = None  # checked against the shards' PREFIX.json
+    tokenizer: str | None = None  # tokenizer file or directory; checked against the shards' PREFIX.json
     seq_length: int = 1024  # GPT sample length; T5 encoder length
-    decoder_seq_length: int = 128  # T5 only
-    noise_density: float = 0.15  # T5 span corruption
-    mean_span_length: float = 3.0
-    eod_mask_loss: bool = False
-    document_mask: bool = False
-    seed: int = 1234
-    num_workers: int = 0
-    cache_dir: str | None = None
+    decoder_seq_length: int = 128  # T5 only: decoder length (targets padded to it)
+    noise_density: float = 0.15  # T5 span corruption: share of tokens masked, in (0, 1)
+    mean_span_length: float = 3.0  # T5 span corruption: mean masked span length in tokens, >= 1
+    eod_mask_loss: bool = False  # no loss on end-of-document tokens
+    document_mask: bool = False  # pass document ids so attention stays within each document
+    seed: int = 1234  # shuffling of documents and samples
+    num_workers: int = 0  # DataLoader worker processes (0 = read in the training process)
+    cache_dir: str | None = None  # where sample indexes are cached; None = next to the shards
+
+    def validate(self) -> None:
+        need(self.seq_length >= 1, f"data.seq_length must be >= 1, got {self.seq_length}")
+        need(self.decoder_seq_length >= 1, f"data.decoder_seq_length must be >= 1, got {self.decoder_seq_length}")
+        need(0 < self.noise_density < 1, f"data.noise_density must be in (0, 1) (the share of tokens masked), got "
+                                         f"{self.noise_density}; T5 uses 0.15")
+        need(self.mean_span_length >= 1, f"data.mean_span_length must be >= 1 (tokens per masked span), got "
+                                         f"{self.mean_span_length}; T5 uses 3")
+        need(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass
 class OptimizerConfig:
+    """The optimizer and its hyper-parameters."""
+
     name: str = "adamw"  # adamw | lamb
     lr: float = 3e-4  # base LR, at schedule.base_batch_size when a scaling rule is set
-    betas: tuple = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    no_decay: list = field(default_factory=lambda: ["norm", "bias", "embedding"])
+    betas: tuple = (0.9, 0.95)  # Adam's (beta1, beta2)
+    eps: float = 1e-8  # Adam's epsilon
+    weight_decay: float = 0.1  # decoupled weight decay (not applied to `no_decay` parameters)
+    no_decay: list = field(default_factory=lambda: ["norm", "bias", "embedding"])  # parameter kinds without decay
     clip_grad: float = 1.0  # global-norm clipping; 0 disables
+
+    def validate(self) -> None:
+        need(self.name in ("adamw", "lamb"), f"optimizer.name must be 'adamw' or 'lamb', got {self.name!r}")
+        need(self.lr > 0, f"optimizer.lr must be > 0, got {self.lr}")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+             "optimizer.betas must be two numbers in [0, 1)")
+        need(self.weight_decay >= 0 and self.clip_grad >= 0,
+             "optimizer.weight_decay and optimizer.clip_grad must be >= 0")
+        bad = set(self.no_decay) - {"norm", "bias", "embedding"}
+        need(not bad, f"optimizer.no_decay: unknown entries {sorted(bad)} (allowed: norm, bias, embedding)")
 
 
 @dataclass
 class ScheduleConfig:
+    """Learning-rate warmup and decay, LR scaling with the batch size, batch-size ramp-up."""
+
     scaling: str = "none"  # none | linear | sqrt (Goyal et al.)
     base_batch_size: int | None = None  # the batch size `optimizer.lr` was tuned at
     warmup_steps: int | None = None  # give at most one of warmup_steps / warmup_samples / warmup_fraction
-    warmup_samples: int | None = None
-    warmup_fraction: float = 0.0
+    warmup_samples: int | None = None  # warmup in samples (the schedule then runs in samples)
+    warmup_fraction: float = 0.0  # warmup as a share of train.steps, in [0, 1)
     decay: str = "cosine"  # constant | linear | cosine | inverse_sqrt | wsd
-    min_lr: float = 0.0
+    min_lr: float = 0.0  # LR at the end of the decay
     decay_fraction: float = 0.2  # wsd: share of post-warmup training spent decaying
     wsd_decay: str = "linear"  # linear | cosine | sqrt
     rampup_start: int | None = None  # GPT-3 batch ramp-up: start size, increment, over this many samples
-    rampup_increment: int = 1
-    rampup_samples: int = 0
+    rampup_increment: int = 1  # ramp-up: global batch growth per increment
+    rampup_samples: int = 0  # ramp-up: samples over which the batch grows to train.global_batch_size
+
+    def validate(self) -> None:
+        need(self.scaling in SCALING_RULES, f"schedule.scaling must be one of {SCALING_RULES}, got {self.scaling!r}")
+        need(self.scaling == "none" or self.base_batch_size, "schedule.scaling needs schedule.base_batch_size "
+             "(the batch size optimizer.lr was tuned at)")
+        need(self.decay in DECAY_STYLES, f"schedule.decay must be one of {DECAY_STYLES}, got {self.decay!r}")
+        need(self.wsd_decay in WSD_DECAY_STYLES, f"schedule.wsd_decay must be one of {WSD_DECAY_STYLES}")
+        given = [k for k in ("warmup_steps", "warmup_samples") if getattr(self, k) is not None] + (
+            ["warmup_fraction"] if self.warmup_fraction else [])
+        need(len(given) <= 1, f"schedule: give only one of {given}")
+        need(0 <= self.warmup_fraction < 1, "schedule.warmup_fraction must be in [0, 1)")
+        need(self.min_lr >= 0, "schedule.min_lr must be >= 0")
+        need(0 < self.decay_fraction <= 1, "schedule.decay_fraction must be in (0, 1]")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    global_batch_size: int = 8
-    micro_batch_size: int = 8
-    seed: int = 1234
+    """The training loop: length, batch, precision, validation, safety limits."""
+
+    steps: int = 1000  # optimizer steps to train for
+    global_batch_size: int = 8  # samples per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 8  # samples per forward/backward on one rank (gradients accumulate up to the global)
+    seed: int = 1234  # model init, dropout
     precision: str = "fp32"  # fp32 | bf16 (autocast)
+    tf32: bool = True  # fp32 matmuls on CUDA use TF32 tensor cores; false = exact fp32 (parity checks)
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the model in place (parameter names unchanged); the first step compiles
-    eval_interval: int = 0  # 0 = no validation
-    eval_steps: int = 10
+    eval_interval: int = 0  # validate every N steps; 0 = no validation
+    eval_steps: int = 10  # global batches per validation
     # zero-/few-shot tasks (names or YAML paths, as for `pretrain eval`) scored on the live model at every
     # eval_interval, requests split over the data-parallel ranks; logged as eval/<task>/<k>shot/<metric>
     eval_tasks: list = field(default_factory=list)
     eval_tasks_limit: int | None = 200  # first N items of each task (None = all)
-    eval_tasks_fewshot: int = 0
+    eval_tasks_fewshot: int = 0  # few-shot examples per eval_tasks request
     prefetch: bool = True  # read and collate the next step's micro-batches in a background thread
     max_nonfinite: int = 5  # stop (with a checkpoint) after this many non-finite steps in a row
     # end the process with a diagnostic (rank, phase, stacks; exit 124) when a step, validation or checkpoint save
     # makes no progress for this long, e.g. a hung collective; 0 = off. $PRETRAIN_WATCHDOG_TIMEOUT overrides.
     watchdog_timeout: float = 1800.0
 
+    def validate(self) -> None:
+        need(self.steps > 0, f"train.steps must be > 0, got {self.steps}")
+        need(self.micro_batch_size > 0, f"train.micro_batch_size must be > 0, got {self.micro_batch_size}")
+        need(self.global_batch_size > 0 and self.global_batch_size % self.micro_batch_size == 0,
+             f"train.global_batch_size ({self.global_batch_size}) must be a positive multiple of "
+             f"train.micro_batch_size ({self.micro_batch_size})")
+        need(self.precision in ("fp32", "bf16"), f"train.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        need(self.device in ("auto", "cpu", "cuda"), f"train.device must be auto|cpu|cuda, got {self.device!r}")
+        need(self.max_nonfinite >= 1, "train.max_nonfinite must be >= 1")
+        need(self.watchdog_timeout >= 0,
+             f"train.watchdog_timeout must be >= 0 (0 = off), got {self.watchdog_timeout}")
+        need(self.eval_interval >= 0 and self.eval_steps >= 1, "train.eval_interval must be >= 0 and "
+             "train.eval_steps >= 1")
+        if self.eval_tasks:
+            need(self.eval_interval > 0,
+                 "train.eval_tasks runs at every train.eval_interval: set train.eval_interval > 0")
+            need(self.eval_tasks_limit is None or self.eval_tasks_limit > 0,
+                 "train.eval_tasks_limit must be > 0 or null")
+            need(self.eval_tasks_fewshot >= 0, "train.eval_tasks_fewshot must be >= 0")
+
 
 @dataclass
 class CheckpointConfig:
+    """Where and how often checkpoints are written."""
+
     dir: str | None = None  # None = no checkpoints
     init_from: str | None = None  # start from these model weights only (fresh optimizer, schedule, data position)
     interval: int = 0  # save every N steps (0 = only at the end)
-    keep_last: int = 3
-    save_final: bool = True
+    keep_last: int = 3  # checkpoints kept in `dir` (older ones are deleted)
+    save_final: bool = True  # save at the last step
+
+    def validate(self) -> None:
+        need(self.interval >= 0 and self.keep_last >= 1,
+             "checkpoint.interval must be >= 0 and checkpoint.keep_last >= 1")
 
 
 @dataclass
 class LoggingConfig:
+    """Metrics output."""
+
     dir: str | None = None  # metrics.jsonl + TensorBoard events; defaults to checkpoint.dir
-    interval: int = 10
-    tensorboard: bool = True
+    interval: int = 10  # log every N steps
+    tensorboard: bool = True  # also write TensorBoard events
     peak_tflops: float | None = None  # per device, for MFU; None = measure (CPU) or guess from the GPU name
+
+    def validate(self) -> None:
+        need(self.interval >= 1, "logging.interval must be >= 1")
 
 
 @dataclass
 class ParallelConfig:
-    """Layout schema; ``pretrain.parallel.validate`` checks combinations in depth when present."""
+    """The parallel layout; the pre-flight step checks it against the model and the number of processes."""
 
-    tp: int = 1
-    pp: int = 1
-    vpp: int = 1
-    ep: int = 1
-    sp: bool = False
-    zero: int = 0
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    tp: int = 1  # tensor-parallel size (splits heads, FFN and vocabulary)
+    pp: int = 1  # pipeline-parallel stages
+    vpp: int = 1  # virtual stages per pipeline rank (interleaved 1F1B)
+    ep: int = 1  # expert-parallel size (Switch models), inside the data-parallel dimension
+    sp: bool = False  # sequence parallelism over the tensor-parallel ranks (needs tp > 1)
+    zero: int = 0  # DeepSpeed ZeRO stage 0..3 over the data-parallel ranks
+    offload_optimizer: bool = False  # ZeRO >= 1: optimizer state in CPU memory
+    offload_params: bool = False  # ZeRO-3: parameters in CPU memory
+
+    def validate(self) -> None:
+        for k in ("tp", "pp", "vpp", "ep"):
+            need(getattr(self, k) >= 1, f"parallel.{k} must be >= 1, got {getattr(self, k)}")
+        need(self.zero in (0, 1, 2, 3), f"parallel.zero must be 0..3, got {self.zero}")
+
+
+SECTIONS = {"data": DataConfig, "optimizer": OptimizerConfig, "schedule": ScheduleConfig,
+            "train": TrainConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig,
+            "parallel": ParallelConfig}
 
 
 @dataclass
@@ -158,235 +226,59 @@ class Config:
 
     def to_dict(self) -> dict:
         """Plain nested dict (the YAML form): round-trips through :func:`from_dict`."""
-        out = {k: _plain(dataclasses.asdict(getattr(self, k))) for k in _SECTIONS}
-        out["model"] = {"family": self.family, **_plain(dataclasses.asdict(self.model))}
+        out = {k: plain(dataclasses.asdict(getattr(self, k))) for k in SECTIONS}
+        out["model"] = {"family": self.family, **plain(dataclasses.asdict(self.model))}
         return out
 
     @property
     def log_dir(self) -> str | None:
         return self.logging.dir or self.checkpoint.dir
 
-
-_SECTIONS = {"data": DataConfig, "optimizer": OptimizerConfig, "schedule": ScheduleConfig,
-             "train": TrainConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig,
-             "parallel": ParallelConfig}
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
-
-
-def _suggest(key: str, options) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(options))}"
-
-
-def dataclass_from_dict(cls: type, values: dict, where: str) -> Any:
-    """Instantiate dataclass ``cls`` from plain ``values`` (a YAML section), checking names and types and
-    recursing into nested dataclass fields; nothing is silently ignored."""
-    if isinstance(values, cls):
-        return values
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in values.items():
-        if key not in fields:
-            raise ConfigError(f"unknown key '{where}.{key}'{_suggest(key, fields)}")
-        hint, name = hints[key], f"{where}.{key}"
-        kwargs[key] = (dataclass_from_dict(hint, value, name) if dataclasses.is_dataclass(hint)
-                       else _coerce(value, hint, name))
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against a type hint (int/float/bool/str/list/tuple, optionally ``| None``)."""
-    args = typing.get_args(hint)
-    if value is None:
-        if type(None) in args or hint is Any:
-            return None
-        raise ConfigError(f"{key} must not be null")
-    if type(None) in args:
-        hint = next(a for a in args if a is not type(None))
-    origin = typing.get_origin(hint) or hint
-    if hint is Any:
-        return value
-    if origin is bool:
-        if isinstance(value, bool):
-            return value
-    elif origin is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():  # 1e6 in YAML
-            return int(value)
-        if isinstance(value, str) and re.fullmatch(r"[-+]?[0-9_]+(\.0*)?([eE]\+?[0-9]+)?", value.strip()):
-            return int(float(value))  # "1e6" read as a string by another YAML reader
-    elif origin is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # plain PyYAML (YAML 1.1) reads 3e-4 as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise ConfigError(f"{key} must be a number (float), got {value!r}") from None
-    elif origin is str:
-        if isinstance(value, str):
-            return value
-    elif origin in (list, tuple):
-        if isinstance(value, (list, tuple)):
-            return origin(value)
-        if isinstance(value, str):  # `train.eval_tasks=a,b` on the command line
-            return origin(v.strip() for v in value.split(",") if v.strip())
-    else:
-        return value
-    raise ConfigError(f"{key} must be {getattr(origin, '__name__', origin)}, got {value!r} "
-                      f"({type(value).__name__})")
+    def validate(self) -> None:
+        """Every section's own checks, then those that span sections (all within this config)."""
+        for name in SECTIONS:
+            getattr(self, name).validate()
+        t, s = self.train, self.schedule
+        if s.rampup_start is not None:
+            need(0 < s.rampup_start < t.global_batch_size and s.rampup_increment > 0 and s.rampup_samples > 0,
+                 "schedule.rampup_start must be in (0, train.global_batch_size) with rampup_increment > 0 and "
+                 "rampup_samples > 0")
+            need((t.global_batch_size - s.rampup_start) % s.rampup_increment == 0,
+                 "train.global_batch_size - schedule.rampup_start must be a multiple of schedule.rampup_increment")
+            need(s.rampup_start % t.micro_batch_size == 0 and s.rampup_increment % t.micro_batch_size == 0,
+                 "schedule.rampup_start and rampup_increment must be multiples of train.micro_batch_size")
+        max_len = getattr(self.model, "max_seq_len", None)  # GPT: positions/RoPE tables end there
+        need(max_len is None or self.data.seq_length <= max_len,
+             f"data.seq_length={self.data.seq_length} exceeds model.max_seq_len={max_len}; raise model.max_seq_len")
+        need(not self.train.eval_tasks or bool(self.data.tokenizer),
+             "train.eval_tasks needs data.tokenizer (the tasks' text is encoded with it)")
 
 
 def from_dict(raw: dict, source: str = "<config>") -> Config:
     """Build and validate a :class:`Config` from a nested dict (as read from YAML)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
-    valid = {*_SECTIONS, "model"}
+    valid = {*SECTIONS, "model"}
     for key in raw:
         if key not in valid:
-            raise ConfigError(f"{source}: unknown section '{key}'{_suggest(key, valid)}")
-    sections = {name: dataclass_from_dict(cls, raw.get(name) or {}, name) for name, cls in _SECTIONS.items()}
+            raise ConfigError(f"{source}: unknown section '{key}'{suggest(key, valid)}")
+    sections = {name: dataclass_from_dict(cls, raw.get(name) or {}, name) for name, cls in SECTIONS.items()}
     model_raw = dict(raw.get("model") or {})
     family = model_raw.pop("family", None)
+    from pretrain.models.registry import family_names, model_config
+
     if not family:
-        raise ConfigError(f"{source}: model.family is required (e.g. model.family=gpt | t5 | switch_gpt)")
-    cfg = Config(model=build_model_config(family, model_raw), family=family, **sections)
-    validate(cfg)
+        raise ConfigError(f"{source}: model.family is required: set it to one of {', '.join(family_names())} "
+                          f"(Switch MoE is model.moe.num_experts > 0 in a family that has it)")
+    cfg = Config(model=model_config(family, model_raw), family=family, **sections)
+    cfg.validate()
     return cfg
-
-
-def build_model_config(family: str, values: dict) -> Any:
-    """The family's config dataclass from ``values``, validated by the family; errors name ``model.<key>``."""
-    from pretrain.models import config_class
-
-    try:
-        model_cfg = dataclass_from_dict(config_class(family), values, "model")
-        model_cfg.validate()
-    except (TypeError, ValueError) as e:
-        raise ConfigError(str(e) if "model" in str(e) else f"model: {e}") from None
-    return model_cfg
-
-
-def validate(cfg: Config) -> None:
-    """Ranges and cross-section checks; deep parallel-layout checks live in ``pretrain.parallel.validate``."""
-    t, s, o, p = cfg.train, cfg.schedule, cfg.optimizer, cfg.parallel
-
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
-    need(t.steps > 0, f"train.steps must be > 0, got {t.steps}")
-    need(t.micro_batch_size > 0, f"train.micro_batch_size must be > 0, got {t.micro_batch_size}")
-    need(t.global_batch_size > 0 and t.global_batch_size % t.micro_batch_size == 0,
-         f"train.global_batch_size ({t.global_batch_size}) must be a positive multiple of "
-         f"train.micro_batch_size ({t.micro_batch_size})")
-    need(t.precision in ("fp32", "bf16"), f"train.precision must be 'fp32' or 'bf16', got {t.precision!r}")
-    need(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto|cpu|cuda, got {t.device!r}")
-    need(t.max_nonfinite >= 1, "train.max_nonfinite must be >= 1")
-    need(t.watchdog_timeout >= 0, f"train.watchdog_timeout must be >= 0 (0 = off), got {t.watchdog_timeout}")
-    need(o.name in ("adamw", "lamb"), f"optimizer.name must be 'adamw' or 'lamb', got {o.name!r}")
-    need(o.lr > 0, f"optimizer.lr must be > 0, got {o.lr}")
-    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas must be two numbers in [0, 1)")
-    need(o.weight_decay >= 0 and o.clip_grad >= 0, "optimizer.weight_decay and optimizer.clip_grad must be >= 0")
-    bad = set(o.no_decay) - {"norm", "bias", "embedding"}
-    need(not bad, f"optimizer.no_decay: unknown entries {sorted(bad)} (allowed: norm, bias, embedding)")
-    need(s.scaling in SCALING_RULES, f"schedule.scaling must be one of {SCALING_RULES}, got {s.scaling!r}")
-    need(s.scaling == "none" or s.base_batch_size, "schedule.scaling needs schedule.base_batch_size "
-         "(the batch size optimizer.lr was tuned at)")
-    need(s.decay in DECAY_STYLES, f"schedule.decay must be one of {DECAY_STYLES}, got {s.decay!r}")
-    need(s.wsd_decay in WSD_DECAY_STYLES, f"schedule.wsd_decay must be one of {WSD_DECAY_STYLES}")
-    given = [k for k in ("warmup_steps", "warmup_samples") if getattr(s, k) is not None] + (
-        ["warmup_fraction"] if s.warmup_fraction else [])
-    need(len(given) <= 1, f"schedule: give only one of {given}")
-    need(0 <= s.warmup_fraction < 1, "schedule.warmup_fraction must be in [0, 1)")
-    need(s.min_lr >= 0, "schedule.min_lr must be >= 0")
-    need(0 < s.decay_fraction <= 1, "schedule.decay_fraction must be in (0, 1]")
-    if s.rampup_start is not None:
-        need(0 < s.rampup_start < t.global_batch_size and s.rampup_increment > 0 and s.rampup_samples > 0,
-             "schedule.rampup_start must be in (0, train.global_batch_size) with rampup_increment > 0 and "
-             "rampup_samples > 0")
-        need((t.global_batch_size - s.rampup_start) % s.rampup_increment == 0,
-             "train.global_batch_size - schedule.rampup_start must be a multiple of schedule.rampup_increment")
-        need(s.rampup_start % t.micro_batch_size == 0 and s.rampup_increment % t.micro_batch_size == 0,
-             "schedule.rampup_start and rampup_increment must be multiples of train.micro_batch_size")
-    need(cfg.checkpoint.interval >= 0 and cfg.checkpoint.keep_last >= 1,
-         "checkpoint.interval must be >= 0 and checkpoint.keep_last >= 1")
-    need(cfg.logging.interval >= 1, "logging.interval must be >= 1")
-    max_len = getattr(cfg.model, "max_seq_len", None)  # GPT: positions/RoPE tables end there
-    need(max_len is None or cfg.data.seq_length <= max_len,
-         f"data.seq_length={cfg.data.seq_length} exceeds model.max_seq_len={max_len}; raise model.max_seq_len")
-    for k in ("tp", "pp", "vpp", "ep"):
-        need(getattr(p, k) >= 1, f"parallel.{k} must be >= 1")
-    need(p.zero in (0, 1, 2, 3), f"parallel.zero must be 0..3, got {p.zero}")
-    if t.eval_tasks:
-        _validate_eval_tasks(cfg, need)
-    try:
-        deep = importlib.import_module("pretrain.parallel.validate")
-    except ModuleNotFoundError:
-        return
-    deep.validate(cfg)
-
-
-def _validate_eval_tasks(cfg: Config, need) -> None:
-    t, p = cfg.train, cfg.parallel
-    need(t.eval_interval > 0, "train.eval_tasks runs at every train.eval_interval: set train.eval_interval > 0")
-    need(t.eval_tasks_limit is None or t.eval_tasks_limit > 0, "train.eval_tasks_limit must be > 0 or null")
-    need(t.eval_tasks_fewshot >= 0, "train.eval_tasks_fewshot must be >= 0")
-    need(bool(cfg.data.tokenizer), "train.eval_tasks needs data.tokenizer (the tasks' text is encoded with it)")
-    # data-parallel replicas score different requests, so no collective may span replicas
-    pipeline_ok = p.pp == 1 or (cfg.family == "gpt" and p.vpp == 1)
-    need(pipeline_ok and p.ep == 1 and p.zero < 3,
-         f"train.eval_tasks scores the live model, which needs parallel.ep=1, zero<3 and, with pp>1, a GPT "
-         f"without interleaving (got family={cfg.family}, pp={p.pp}, vpp={p.vpp}, ep={p.ep}, zero={p.zero}); "
-         "drop train.eval_tasks and run `pretrain eval --checkpoint` on the saved checkpoints instead")
-    from pretrain.evals.tasks import TaskError, task_path
-
-    for name in t.eval_tasks:
-        try:
-            task_path(name)
-        except TaskError as e:
-            raise ConfigError(f"train.eval_tasks: {e}") from None
 
 
 def is_parallel(cfg: Config) -> bool:
     """True when the layout needs ``parallel``'s engine (anything beyond plain data parallelism)."""
     p = cfg.parallel
     return max(p.tp, p.pp, p.ep) > 1 or p.sp or p.zero > 0 or p.offload_optimizer or p.offload_params
-
-
-def parse_overrides(overrides: list[str]) -> dict:
-    """``["train.steps=10", "optimizer.betas=[0.9,0.99]"]`` -> nested dict (values parsed as YAML)."""
-    out: dict = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=1000)")
-        node = out
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
-        node[leaf] = _yaml(value) if value != "" else None
-    return out
-
-
-def merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -397,7 +289,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = _yaml(path.read_text()) or {}
+            raw = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
     try:

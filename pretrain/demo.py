@@ -65,7 +65,8 @@ def unigram_entropy(prefix: str) -> float:
 
 def train_model(prefix: str, tokenizer: Path, out: Path, overrides: list[str]):
     from pretrain.config import load_config
-    from pretrain.train import setup_logging, train
+    from pretrain.console import setup_logging
+    from pretrain.train import train
 
     cfg = load_config(CONFIG, [f"data.train=[{prefix}]", f"data.tokenizer={tokenizer}",
                                f"checkpoint.dir={out / 'gpt_tiny'}", *overrides])
@@ -102,7 +103,7 @@ def evaluate(cfg, out: Path):
     """Zero-shot table of the trained checkpoint on the local tasks; returns the loaded model."""
     from pretrain.evals.harness import evaluate_tasks
     from pretrain.evals.metrics import markdown_table, write_results
-    from pretrain.evals.model import load_model
+    from pretrain.evals.loading import load_model
 
     print(f"\n[demo] zero-shot evaluation on {', '.join(EVAL_TASKS)} (first {EVAL_LIMIT} items each)", flush=True)
     model = load_model(checkpoint=cfg.checkpoint.dir)

@@ -12,28 +12,51 @@ import torch
 
 # Dense bf16 peak per GPU (TFLOP/s, no sparsity) by device-name fragment, for MFU when logging.peak_tflops is not
 # set. The first fragment found in the name wins, so variants come before their family ("H100 PCIe" before "H100",
-# which is the SXM part: "NVIDIA H100 80GB HBM3").
-GPU_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "H100": 989.0, "A100": 312.0,
-                   "A10G": 125.0, "L4": 121.0, "V100": 125.0}
+# which is the SXM part: "NVIDIA H100 80GB HBM3"; "H200 NVL" before "H200"). GPUs without bf16 (V100, T4) are
+# absent: 0, MFU not reported (their fp16 peak is not the rate a bf16 run gets).
+GPU_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H200": 989.0, "H100": 989.0,
+                   "A100": 312.0, "A10G": 125.0, "L4": 121.0}
 
 
 class MetricsLogger:
     """Appends one JSON record per call to ``DIR/metrics.jsonl`` and mirrors numbers to TensorBoard.
 
-    ``directory=None`` (non-zero ranks, or no logging dir) makes every call a no-op.
+    ``directory=None`` (non-zero ranks, or no logging dir) makes every call a no-op. :meth:`resume_at` drops the
+    rows a resumed run is about to write again, so every step has one row.
     """
 
     def __init__(self, directory: str | Path | None, tensorboard: bool = True):
         self.file = self.writer = None
         if directory is None:
             return
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.file = open(directory / "metrics.jsonl", "a")
+        self.path = Path(directory) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            self.writer = self._tensorboard()
 
-            self.writer = SummaryWriter(str(directory / "tensorboard"))
+    def _tensorboard(self, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=purge_step)
+
+    def resume_at(self, step: int) -> int:
+        """Drop the rows (and TensorBoard events) of steps after ``step``: the run continues from ``step``, so they
+        are replayed or superseded. Unreadable lines (a crash mid-write) go too. Returns how many rows went."""
+        if self.file is None:
+            return 0
+        self.file.close()
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if _step_of(line) <= step]
+        if len(kept) < len(lines):
+            tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = self._tensorboard(purge_step=step + 1)
+        self.file = open(self.path, "a")
+        return len(lines) - len(kept)
 
     def write(self, record: dict) -> None:
         if self.file is None:
@@ -50,6 +73,14 @@ class MetricsLogger:
             self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line (infinite for an unreadable line)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -8,9 +8,11 @@ What a checkpoint needs so that any layout can read it (on top of :mod:`pretrain
   wrote (pipeline stages own disjoint sets). A rank's coordinates follow from the layout
   (:meth:`pretrain.parallel.mesh.Layout.coords`), so a piece is identified by ``(tp_rank, ep_rank)``.
 * ``state["portable"]`` (:func:`optimizer_moments`): Adam's ``exp_avg`` / ``exp_avg_sq`` per parameter, in the
-  same shape as the rank's model tensor (whatever ZeRO did to them) plus the optimizer step. The engines'
-  native optimizer states (flat ZeRO partitions, ``ZeroRedundancyOptimizer`` shards) only load under the
-  same layout.
+  same shape as the rank's model tensor, plus the optimizer step. Under DeepSpeed ZeRO the moments are not
+  copied: ``"zero_index"`` says where each parameter's piece lies in the rank's native flat partitions
+  (``state["optimizer"]``, saved anyway), and :func:`consolidate` cuts them out. So a save needs no
+  collective per parameter and stores each moment once. The engines' native optimizer states (flat ZeRO
+  partitions, ``ZeroRedundancyOptimizer`` shards) load directly only under the same layout.
 
 :func:`consolidate` assembles the full model (and moments) from every rank's files; :func:`reshard` cuts a
 full state into one rank's pieces from the *target* engine's own index; :func:`load_into` does both into a
@@ -22,17 +24,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 
 from pretrain.parallel.mesh import Layout
 from pretrain import checkpoint as ckpt
 from pretrain.checkpoint import CheckpointError
+from pretrain.engine import Engine
 
 log = logging.getLogger(__name__)
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -55,7 +58,7 @@ class Consolidated:
 # The index of a live engine
 
 def _layout(engine) -> dict[str, int]:
-    mesh = getattr(engine, "mesh", None)
+    mesh = engine.mesh
     if mesh is not None:
         lay = mesh.layout
         return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "ep": lay.ep}
@@ -126,7 +129,7 @@ def _deepspeed_zero(engine):
     """DeepSpeed's partitioned optimizer of ``engine`` (ZeRO-1/2/3, or its bf16 optimizer), or None.
 
     These keep fp32 master weights and Adam state in flat partitions and map each parameter onto them."""
-    ds = getattr(engine, "ds", None)
+    ds = engine.ds
     if ds is None:
         return None
     from deepspeed.runtime.base_optimizer import ZeROOptimizer
@@ -142,38 +145,27 @@ def _flat_partitions(zero) -> list[torch.Tensor]:
     raise TypeError(f"unsupported DeepSpeed optimizer {type(zero).__name__}")
 
 
-def _torch_optimizers(engine) -> list[torch.optim.Optimizer]:
+def _torch_optimizers(engine: Engine) -> list[torch.optim.Optimizer]:
     """The per-parameter torch optimizers (``ZeroRedundancyOptimizer`` -> its local shard's optimizer)."""
-    if hasattr(engine, "ds"):
-        return [engine.ds.optimizer]
-    opts = getattr(engine, "optimizers", None) or [engine.optimizer]
-    return [getattr(opt, "optim", opt) for opt in opts]
+    return engine.local_optimizers()
 
 
 def optimizer_moments(engine) -> dict:
-    """``{"step": float, "moments": {name: {"exp_avg", "exp_avg_sq"}}}`` shaped like this rank's model tensors.
+    """``{"step": float, "moments": {name: {"exp_avg", "exp_avg_sq"}}}`` shaped like this rank's model tensors;
+    local (no collective).
 
-    Under ZeRO-1/2/3 the moments are assembled from the partitions (collective over the data group; stored
-    by data-parallel rank 0 only). With ``ZeroRedundancyOptimizer`` each rank has its partition's tensors.
+    Under DeepSpeed ZeRO-1/2/3 ``moments`` is empty and ``"zero_index"`` (:func:`_zero_index`) locates each
+    parameter's piece in the native partitions saved with the rank's optimizer state. With
+    ``ZeroRedundancyOptimizer`` each rank has its partition's tensors.
     """
     zero = _deepspeed_zero(engine)
     moments: dict[str, dict[str, torch.Tensor]] = {}
     step = 0.0
     if zero is not None:
-        from deepspeed.utils import safe_get_full_optimizer_state
-
         base_state = list(zero.optimizer.state.values())
-        if not base_state:
+        if not base_state or "step" not in base_state[0]:
             return {"step": 0.0, "moments": {}}
-        _link_moments(zero)
-        step = float(base_state[0]["step"])
-        keep = engine.mesh.dp_rank == 0
-        for name, p in engine.model.named_parameters():  # same order on every rank: collective per parameter
-            full = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
-            if keep:
-                shape = getattr(p, "ds_shape", None) or p.shape
-                moments[name] = {k: v.detach().float().cpu().reshape(shape).clone() for k, v in full.items()}
-        return {"step": step, "moments": moments}
+        return {"step": float(base_state[0]["step"]), "moments": {}, "zero_index": _zero_index(engine, zero)}
     names = {id(p): n for n, p in engine.model.named_parameters()}
     for opt in _torch_optimizers(engine):
         for group in opt.param_groups:
@@ -183,6 +175,61 @@ def optimizer_moments(engine) -> dict:
                     step = float(state["step"])
                     moments[names[id(p)]] = {k: state[k].detach().cpu().clone() for k in MOMENTS}
     return {"step": step, "moments": moments}
+
+
+def _zero_index(engine, zero) -> dict[str, dict]:
+    """Where this rank's piece of each parameter lies in DeepSpeed's flat fp32 partitions: ``{name: {"group",
+    "flat_start", "param_start", "numel", "shape"}}`` (``group``: the index of the flat partition; ``param_start``:
+    where the piece starts in the flattened parameter; ``shape``: the rank's full, tensor-parallel-local shape).
+    ZeRO-3 partitions every parameter on its own; ZeRO-1/2 and the bf16 optimizer cut one flat buffer per group
+    (DeepSpeed's fragment map; a parameter may have no piece on this rank)."""
+    out = {}
+    for name, p in engine.model.named_parameters():
+        if hasattr(p, "ds_id"):  # ZeRO-3: the rank's partition of the parameter, padded at the end
+            group, flat_start = zero.grad_position[zero.get_param_id(p)][:2]
+            size = p.partition_numel()
+            param_start = zero._get_param_partition_rank(p) * size
+            numel, shape = max(0, min(size, p.ds_numel - param_start)), list(p.ds_shape)
+        else:
+            fragment = getattr(p, "_hp_mapping", None)
+            if fragment is None:
+                continue
+            group, flat_start = fragment.param_group_index, fragment.hp_fragment_address.start
+            param_start, numel = fragment.lp_fragment_address.start, fragment.hp_fragment_address.numel
+            shape = list(p.shape)
+        if numel == 0:  # ZeRO-3: this rank's partition is all padding
+            continue
+        out[name] = {"group": int(group), "flat_start": int(flat_start), "param_start": int(param_start),
+                     "numel": int(numel), "shape": shape}
+    return out
+
+
+def _zero_fragments(state: dict, index: dict[str, dict], where: Path):
+    """``(name, moment, param_start, piece)`` for each parameter piece of a rank's saved ZeRO state."""
+    if not index:
+        return
+    native = state.get("optimizer") or {}
+    base = native.get("base_optimizer_state") or native.get("optimizer_state_dict")  # ZeRO-1/2 | ZeRO-3
+    if base is None:
+        raise CheckpointError(f"{where}: 'portable' indexes ZeRO partitions, but the optimizer state has none")
+    ids = [i for group in base["param_groups"] for i in group["params"]]  # one flat partition per entry
+    for name, spec in index.items():
+        flat = base["state"][ids[spec["group"]]]
+        for k in MOMENTS:
+            yield name, k, spec["param_start"], flat[k].narrow(0, spec["flat_start"], spec["numel"]).clone()
+
+
+def _join(pieces: dict[int, torch.Tensor], shape: list[int], what: str) -> torch.Tensor:
+    """A parameter's flat pieces (by start offset, from the data-parallel ranks) as one tensor of ``shape``."""
+    flat, end = [], 0
+    for start in sorted(pieces):
+        if start != end:
+            raise CheckpointError(f"{what}: no rank file holds elements {end}..{start} of the ZeRO partitions")
+        flat.append(pieces[start])
+        end += pieces[start].numel()
+    if end != math.prod(shape):
+        raise CheckpointError(f"{what}: the ZeRO partitions hold {end} elements, the tensor has {math.prod(shape)}")
+    return torch.cat(flat).view(shape)
 
 
 def _set_torch_moments(engine, moments: dict[str, dict[str, torch.Tensor]], step: float) -> None:
@@ -254,26 +301,6 @@ def _assemble(name: str, spec: dict, pieces: dict[tuple[int, int], torch.Tensor]
     return full
 
 
-def _read_model_file(path: Path, want=lambda name: True) -> dict[str, torch.Tensor | None]:
-    """Every tensor name of a rank's file; the tensor itself only where ``want(name)`` (else None)."""
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
-    try:
-        with safe_open(str(path), framework="pt") as f:  # the header alone already detects truncation
-            return {k: f.get_tensor(k) if want(k) else None for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
-        raise CheckpointError(f"{path} is unreadable (truncated or corrupt?): {e}") from None
-
-
-def _read_state_file(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path} is unreadable (truncated or corrupt?): {e}") from None
-
-
 def read_meta(path: str | Path) -> tuple[Path, dict]:
     """``(step dir, meta)`` of a checkpoint root or step directory."""
     step_dir = ckpt.resolve(path, str(path))
@@ -303,7 +330,7 @@ def consolidate(path: str | Path, optimizer: bool = True) -> Consolidated:
             raise CheckpointError(f"{meta_file} has no 'sharding' index: a {meta.get('world_size')}-rank "
                                   f"checkpoint split over {', '.join(split)} saved without it can only be "
                                   f"resumed under its own layout")
-        model = _read_model_file(step_dir / ckpt.model_file(0))  # one process, or replicas (pure DP)
+        model = ckpt.read_model_file(step_dir / ckpt.model_file(0), meta)  # one process, or replicas (pure DP)
         return Consolidated(model, None, 0.0, meta["step"], meta.get("consumed_samples", 0), meta)
     layout, tensors = sharding["layout"], sharding["tensors"]
     ranks = [sharding["name_sets"][i] for i in sharding["rank_names"]]
@@ -311,12 +338,15 @@ def consolidate(path: str | Path, optimizer: bool = True) -> Consolidated:
         raise CheckpointError(f"{meta_file}: 'sharding' lists {len(ranks)} ranks, world_size is {meta['world_size']}")
     model_pieces: dict[str, dict] = {n: {} for n in tensors}
     moment_pieces: dict[str, dict] = {}
+    zero_pieces: dict[tuple, dict] = {}  # (name, moment, piece) -> {param_start: flat piece}
+    shapes: dict[str, list[int]] = {}
     optimizer_step = 0.0
     progress = _Progress(len(ranks))
     for rank, names in enumerate(ranks):
         file = step_dir / ckpt.model_file(rank)
         coords = _coords(layout, rank)
-        local = _read_model_file(file, lambda n: n in tensors and _piece(tensors[n], coords) not in model_pieces[n])
+        local = ckpt.read_model_file(file, meta,
+                                     lambda n: n in tensors and _piece(tensors[n], coords) not in model_pieces[n])
         if set(local) != set(names):
             diff = sorted(set(local) ^ set(names))[:5]
             raise CheckpointError(f"{file} holds different tensors than {meta_file} lists for rank {rank}: {diff}")
@@ -325,16 +355,22 @@ def consolidate(path: str | Path, optimizer: bool = True) -> Consolidated:
                 model_pieces[name][_piece(tensors[name], coords)] = t
         if optimizer:
             state_path = step_dir / ckpt.state_file(rank)
-            portable = _read_state_file(state_path).get("portable")
+            state = ckpt.read_state_file(state_path, meta)
+            portable = state.get("portable")
             if portable is None:
                 raise CheckpointError(f"{state_path} has no portable optimizer state; consolidate the model only")
             optimizer_step = max(optimizer_step, portable["step"])
+            for name, k, start, piece in _zero_fragments(state, portable.get("zero_index"), state_path):
+                zero_pieces.setdefault((name, k, _piece(tensors[name], coords)), {})[start] = piece
+                shapes[name] = portable["zero_index"][name]["shape"]
             for name, m in portable["moments"].items():
                 for k in MOMENTS:
                     moment_pieces.setdefault((name, k), {}).setdefault(_piece(tensors[name], coords), m[k])
         progress.update(rank + 1)
     model = {n: _assemble(n, tensors[n], p, layout, step_dir / "model_rank*.safetensors")
              for n, p in model_pieces.items()}
+    for (name, k, piece), pieces in zero_pieces.items():
+        moment_pieces.setdefault((name, k), {})[piece] = _join(pieces, shapes[name], f"{step_dir}: {name} ({k})")
     moments = None
     if optimizer:
         moments = {}
@@ -436,7 +472,7 @@ def load_into(engine, state: Consolidated, optimizer: bool = True) -> None:
     index, aliases = local_index(engine), _aliases(engine)
     model = reshard(state.model, index, layout, rank, aliases)
     _check_all_used(state, {aliases.get(n, n) for n in index} | set(index))
-    ds = getattr(engine, "ds", None)
+    ds = engine.ds
     if ds is not None:
         from pretrain.parallel.zero import load_model_state
 

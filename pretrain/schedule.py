@@ -19,16 +19,9 @@ so resuming a run needs only those two numbers.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
+from pretrain.config import SCALING_RULES, Config
 from pretrain.data.sampler import ramp_up
-
-if TYPE_CHECKING:
-    from pretrain.config import Config
-
-DECAY_STYLES = ("constant", "linear", "cosine", "inverse_sqrt", "wsd")
-WSD_DECAY_STYLES = ("linear", "cosine", "sqrt")
-SCALING_RULES = ("none", "linear", "sqrt")
 
 
 def scaled_lr(lr: float, global_batch_size: int, base_batch_size: int | None, rule: str) -> float:
@@ -79,7 +72,7 @@ def _decay_factor(style: str, t: float) -> float:
 class Schedule:
     """The schedule of one config: ``lr(step, consumed_samples)`` and ``batch_size(consumed_samples)``."""
 
-    def __init__(self, cfg: "Config"):
+    def __init__(self, cfg: Config):
         s, t = cfg.schedule, cfg.train
         self.cfg = cfg
         self.steps = t.steps

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -21,10 +22,13 @@ from pretrain.data.sampler import DataParallelSampler
 from pretrain.launch.preemption import PREEMPTED_EXIT_CODE, Watchdog
 from pretrain import checkpoint as ckpt
 from pretrain import reshard
-from pretrain.config import Config
-from pretrain.engine import Engine, build_engine
+from pretrain import run_lock
+from pretrain.config import Config, ConfigError
+from pretrain.engine import Engine
+from pretrain.engines import build_engine
 from pretrain.metrics import MetricsLogger, peak_flops
-from pretrain.models.flops import batch_flops
+from pretrain.parallel.mesh import SlowBarrier
+from pretrain.models.registry import family_spec
 from pretrain.prefetch import StepBatches
 from pretrain.schedule import Schedule
 
@@ -33,6 +37,8 @@ log = logging.getLogger("pretrain.train")
 EXIT_OK = 0
 EXIT_PREEMPTED = PREEMPTED_EXIT_CODE  # 75: stopped on request with a checkpoint; run again with --resume auto
 EXIT_NONFINITE = 3  # too many non-finite steps in a row (a checkpoint of the last good state is saved)
+EXIT_STOPPED_UNSAVED = 128 + signal.SIGTERM  # stopped on request without checkpoint.dir: nothing to resume (143;
+# 128 + the signal's number when a signal asked)
 
 
 class StopFlag:
@@ -42,6 +48,7 @@ class StopFlag:
     def __init__(self) -> None:
         self.requested = False
         self.reason = ""
+        self.stepping = False  # a step finished: a stop can wait for the current step's end (before: exit at once)
 
     def request(self, reason: str = "requested") -> None:
         self.requested, self.reason = True, reason
@@ -49,15 +56,6 @@ class StopFlag:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _barrier(device: torch.device) -> None:
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    if device.type == "cuda":  # NCCL must be told the device, or it guesses one per rank
-        dist.barrier(device_ids=[device.index])
-    else:
-        dist.barrier()
 
 
 class Trainer:
@@ -72,6 +70,9 @@ class Trainer:
         self.schedule = Schedule(cfg)
         self.stop = stop or StopFlag()
         self.rank = _rank()
+        self.slow_barrier = SlowBarrier()  # checkpoint saves wait on their own long-timeout group (collective)
+        self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self._lock_checkpoint_dir()
         self.train_data, self.valid_data = train_data, valid_data
         self.step, self.consumed_samples = 0, 0
         self.watchdog: Watchdog | None = None  # running during fit()
@@ -81,6 +82,21 @@ class Trainer:
                      else peak_flops(self.engine.device))
 
     # --- checkpoints -------------------------------------------------------------------------------------
+    def _lock_checkpoint_dir(self) -> None:
+        """Rank 0 locks ``checkpoint.dir`` (one writer per directory, :mod:`pretrain.run_lock`); if another job
+        holds it, every rank refuses, before anything in the directory is read or written."""
+        if not self.cfg.checkpoint.dir:
+            return
+        error = None
+        if self.rank == 0:
+            try:
+                run_lock.acquire(self.cfg.checkpoint.dir)
+            except ConfigError as e:
+                error = e
+        if self._agree(error is not None):
+            raise error or ConfigError(f"checkpoint.dir={self.cfg.checkpoint.dir} cannot be locked for this job "
+                                       f"(rank 0 says why)")
+
     def save(self) -> Path | None:
         if not self.cfg.checkpoint.dir:
             return None
@@ -94,20 +110,29 @@ class Trainer:
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         path = ckpt.save_checkpoint(self.cfg.checkpoint.dir, self.step, state["model"], extra, meta,
                                     rank=self.rank, world_size=world, keep_last=self.cfg.checkpoint.keep_last,
-                                    barrier=lambda: _barrier(self.engine.device))
+                                    barrier=self.slow_barrier)
         log.info("saved checkpoint %s", path)
         return path
 
-    def resume(self, which: str | None) -> bool:
+    def resume(self, which: str | None, overwrite: bool = False) -> bool:
         """Restore from ``which`` ("auto" = ``checkpoint.dir/latest`` if any, or a path). True if restored.
 
         Without a checkpoint to resume, ``checkpoint.init_from`` (if set) provides the starting weights; a run
-        that already saved its own checkpoints resumes those, so a requeued job continues where it stopped."""
-        if self._restore(which):
-            return True
-        if self.cfg.checkpoint.init_from:
+        that already saved its own checkpoints resumes those, so a requeued job continues where it stopped.
+        Starting from step 0 over a ``checkpoint.dir`` that holds checkpoints needs ``overwrite`` (the old ones are
+        then pruned as the new run saves). Metrics rows past the starting step (replayed, or of a run started
+        over) are dropped."""
+        where = self.cfg.checkpoint.dir
+        if not which and not overwrite and where and ckpt.holds_checkpoints(where):
+            raise ConfigError(f"checkpoint.dir={where} already holds checkpoints: continue them with --resume auto, "
+                              f"or start over from step 0 with --overwrite")
+        restored = self._restore(which)
+        if not restored and self.cfg.checkpoint.init_from:
             self.init_weights(self.cfg.checkpoint.init_from)
-        return False
+        dropped = self.metrics.resume_at(self.step)
+        if dropped:
+            log.info("metrics.jsonl: dropped %d rows after step %d (superseded by this run)", dropped, self.step)
+        return restored
 
     def _restore(self, which: str | None) -> bool:
         if not which or (which == "auto" and not self.cfg.checkpoint.dir):
@@ -162,7 +187,7 @@ class Trainer:
         for _ in range(t.eval_steps):
             batch = sampler.next_global_batch()
             out = self.engine.eval_step([collate([self.valid_data[i] for i in mb]) for mb in batch])
-            lm_sum, tokens = lm_sum + out["lm_loss_sum"], tokens + out["num_tokens"]
+            lm_sum, tokens = lm_sum + out.lm_loss_sum, tokens + out.num_tokens
         return lm_sum / max(tokens, 1.0)
 
     def evaluate_tasks(self) -> dict[str, float]:
@@ -175,11 +200,11 @@ class Trainer:
             from pretrain.data.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(self.cfg.data.tokenizer)
-            stages = getattr(self.engine, "stages", None)
+            stages = self.engine.stages
             if stages:  # pipeline parallel: this rank's stage, hidden states passed rank to rank
                 from pretrain.evals.parallel_model import PipelineModel
 
-                self._eval_model = PipelineModel(stages[0].whole_model, stages[0], self.engine.mesh, tokenizer)
+                self._eval_model = PipelineModel(stages[0].model, stages[0], self.engine.mesh, tokenizer)
             else:
                 self._eval_model = PretrainModel(self.engine.model, tokenizer)
         devices = [self.engine.device] if self.engine.device.type == "cuda" else []
@@ -204,6 +229,8 @@ class Trainer:
             if self.watchdog is not None:
                 self.watchdog.stop()
             self.metrics.close()
+            if self.rank == 0 and self.cfg.checkpoint.dir:
+                run_lock.release(self.cfg.checkpoint.dir)
 
     def _beat(self, phase: str) -> None:
         if self.watchdog is not None:
@@ -230,30 +257,36 @@ class Trainer:
         total, start = t.steps, self.step
         bad_in_row, window = 0, _Window()
         code = EXIT_OK
+        if not c.dir:
+            log.warning("checkpoint.dir is not set: no checkpoints will be written, and a stop signal ends the run "
+                        "without saving")
         while self.step < total:
             gbs = self.schedule.batch_size(self.consumed_samples)
             lr = self.schedule.lr(self.step, self.consumed_samples)
             t0 = time.perf_counter()
             self._beat("train step")
             batches = data.next()
-            out = self.engine.train_step(batches, lr)
+            # the stop request travels with the step's numbers: every rank learns it without another sync
+            out = self.engine.train_step(batches, lr, stop=self.stop.requested)
+            self.stop.stepping = True
             self.step += 1
             self.consumed_samples += gbs
-            flops = sum(batch_flops(self.cfg.model, mb) for mb in batches) * self.engine.dp_size
-            window.add(time.perf_counter() - t0, out["num_tokens"], flops)
-            if out["skipped"]:
+            step_flops = family_spec(self.cfg.family).batch_flops
+            flops = sum(step_flops(self.cfg.model, mb) for mb in batches) * self.engine.dp_size
+            window.add(time.perf_counter() - t0, out.num_tokens, flops)
+            if out.skipped:
                 bad_in_row += 1
                 log.warning("step %d: non-finite loss %.4g or grad norm %.4g: update skipped (%d in a row)",
-                            self.step, out["loss"], out["grad_norm"], bad_in_row)
+                            self.step, out.loss, out.grad_norm, bad_in_row)
                 if bad_in_row >= t.max_nonfinite:
                     log.error("stopping: %d non-finite steps in a row", bad_in_row)
                     code = EXIT_NONFINITE
             else:
                 bad_in_row = 0
-            record = {"step": self.step, "loss": out["loss"], "lm_loss": out["lm_loss"], "lr": lr,
-                      "grad_norm": out["grad_norm"], "batch_size": gbs, "consumed_samples": self.consumed_samples,
-                      "skipped": bool(out["skipped"])}
-            if self.step % self.cfg.logging.interval == 0 or self.step == total or out["skipped"]:
+            record = {"step": self.step, "loss": out.loss, "lm_loss": out.lm_loss, "lr": lr,
+                      "grad_norm": out.grad_norm, "batch_size": gbs, "consumed_samples": self.consumed_samples,
+                      "skipped": out.skipped}
+            if self.step % self.cfg.logging.interval == 0 or self.step == total or out.skipped:
                 self._log(record, window, total)
                 window = _Window()
             if t.eval_interval and self.valid_data is not None and (
@@ -265,9 +298,15 @@ class Trainer:
             if t.eval_tasks and (self.step % t.eval_interval == 0 or self.step == total):
                 self._beat("task evaluation")
                 self.metrics.write({"step": self.step, **self.evaluate_tasks()})
-            stop = self._agree(self.stop.requested)
+            # several ranks stop together: at the step after the request, agreed inside it (no extra sync);
+            # a single process stops right after the step the request arrived in
+            stop = out.stop or (self.stop.requested and self.world_size == 1)
             if code != EXIT_OK or stop:
-                if stop:
+                if stop and not c.dir:
+                    log.warning("stop requested (%s) at step %d: no checkpoint.dir, nothing saved",
+                                self.stop.reason or "flag", self.step)
+                    code = _unsaved_exit_code(self.stop.reason)
+                elif stop:
                     log.warning("stop requested (%s): checkpoint at step %d", self.stop.reason or "flag", self.step)
                     code = EXIT_PREEMPTED
                 self._save()
@@ -284,10 +323,10 @@ class Trainer:
         self.save()
 
     def _agree(self, flag: bool) -> bool:
-        """Stop only if any rank got the signal, and then on every rank (so all save the same step).
-
-        The flag travels on the engine's device: NCCL has no CPU tensors."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        """True on every rank if any rank's ``flag`` is (one collective and host read: not for every step; the
+        per-step stop request travels inside the engine's step). The flag travels on the engine's device: NCCL
+        has no CPU tensors."""
+        if self.world_size == 1:
             return flag
         t = torch.tensor([float(flag)], device=self.engine.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -317,6 +356,11 @@ class _Window:
     def add(self, seconds: float, tokens: float, flops: float) -> None:
         self.seconds, self.tokens, self.flops = self.seconds + seconds, self.tokens + tokens, self.flops + flops
         self.steps += 1
+
+
+def _unsaved_exit_code(reason: str) -> int:
+    """128 + the stop signal's number, like a process the signal ended (not 75: there is nothing to resume)."""
+    return 128 + signal.Signals[reason] if reason in signal.Signals.__members__ else EXIT_STOPPED_UNSAVED
 
 
 def _memory_gb(engine: Engine) -> float:

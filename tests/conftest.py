@@ -12,11 +12,25 @@ Fixtures for everyone:
   ``tiny_tokenizer`` and ``append_eod=True`` (uint16; every document ends with EOD id 2).
 
 Treat them as read-only; copy before modifying.
+
+Test tiers. ``make test-fast`` runs ``-m "not slow and not dist and not slurm"``: unit tests that start no
+process and use no network (make fetches the demo corpus first). ``make test`` runs everything. The markers
+are added here from what a test's code uses (the test, the tests/ helpers it calls, the tests/ fixtures it
+requests): ``run_distributed`` -> ``dist``; ``subprocess``, ``multiprocessing`` or lm-eval's ``simple_evaluate``
+-> ``slow``. A test left in the fast tier that starts a process or opens a network connection anyway (inside the
+library, say) fails at teardown, naming what it started and the marker to add (module- and session-scoped
+fixtures are only checked by reading their code).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import multiprocessing
+import multiprocessing.process
+import socket
+import subprocess
+import types
 from pathlib import Path
 
 import pytest
@@ -67,3 +81,90 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# -- test tiers ----------------------------------------------------------------------------------------------------
+TIER_MARKERS = ("slow", "dist", "slurm")
+# Names whose use means "starts processes": lm-eval's simple_evaluate runs pip, conda, git and nvidia-smi for
+# its environment report (torch.utils.collect_env), seconds each time.
+_STARTS_PROCESSES = {"subprocess", "multiprocessing", "simple_evaluate"}
+
+
+def _uses(obj, seen: set) -> set[str]:
+    """What decides a test's tier in a function and the tests/ functions it calls: ``"run_distributed"``, and
+    ``"process"`` for any use of ``subprocess``, ``multiprocessing`` (however imported) or ``simple_evaluate``."""
+    code = getattr(obj, "__code__", None)
+    if code is None or code in seen:
+        return set()
+    seen.add(code)
+    names: set[str] = set()
+    codes = [code]
+    while codes:  # nested functions, lambdas and comprehensions too
+        c = codes.pop()
+        names.update(c.co_names)
+        codes.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    found = {"process"} if names & _STARTS_PROCESSES else set()
+    for name in names:
+        target = obj.__globals__.get(name)
+        module = target.__name__ if isinstance(target, types.ModuleType) else getattr(target, "__module__", None)
+        if str(module).split(".")[0] in ("subprocess", "multiprocessing"):
+            found.add("process")
+        elif inspect.isfunction(target) and target.__module__.split(".")[0] in ("tests", "conftest"):
+            found |= _uses(target, seen)
+    return found | (names & {"run_distributed"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not isinstance(item, pytest.Function) or any(item.get_closest_marker(m) for m in TIER_MARKERS):
+            continue
+        seen: set = set()
+        used = _uses(item.function, seen)
+        for name in set(item.fixturenames) - {"_fast_tier_stays_fast"}:
+            for fixturedef in item._fixtureinfo.name2fixturedefs.get(name, ()):
+                if fixturedef.func.__module__.split(".")[0] in ("tests", "conftest"):
+                    used |= _uses(fixturedef.func, seen)
+        if "run_distributed" in used:
+            item.add_marker(pytest.mark.dist)
+        elif "process" in used:
+            item.add_marker(pytest.mark.slow)
+
+
+def _is_local(address) -> bool:
+    if not isinstance(address, tuple):  # AF_UNIX path
+        return True
+    return str(address[0]) in ("localhost", "::1", "") or str(address[0]).startswith("127.")
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_stays_fast(request):
+    """In the fast tier, record any process started or remote address connected to, and fail at teardown."""
+    if any(request.node.get_closest_marker(m) for m in TIER_MARKERS):
+        yield
+        return
+    started: list[str] = []
+    popen_init = subprocess.Popen.__init__
+    process_start = multiprocessing.process.BaseProcess.start
+    connect = socket.socket.connect
+
+    def recording_popen(self, args, *a, **kw):
+        started.append(f"subprocess {args if isinstance(args, str) else ' '.join(map(str, args))[:200]}")
+        popen_init(self, args, *a, **kw)
+
+    def recording_start(self):
+        started.append(f"multiprocessing {self.name}")
+        process_start(self)
+
+    def recording_connect(self, address):
+        if not _is_local(address):
+            started.append(f"network connection to {address}")
+        return connect(self, address)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "__init__", recording_popen)
+        patch.setattr(multiprocessing.process.BaseProcess, "start", recording_start)
+        patch.setattr(socket.socket, "connect", recording_connect)
+        yield
+    if started:
+        pytest.fail(f"{request.node.nodeid} is in the fast tier but started {'; '.join(started[:5])}: mark it "
+                    f"@pytest.mark.slow (or dist), see tests/conftest.py", pytrace=False)

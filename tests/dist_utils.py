@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,13 +19,9 @@ from pathlib import Path
 
 import torch
 
+from pretrain.launch.local import free_port  # noqa: F401  (tests import it from here)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_distributed(target: str, world_size: int, args: dict | None = None, timeout: float = 300) -> list[dict]:
@@ -36,8 +31,10 @@ def run_distributed(target: str, world_size: int, args: dict | None = None, time
         port = free_port()
         procs = []
         for rank in range(world_size):
-            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                   "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            # CUDA_VISIBLE_DEVICES="": these are CPU tests, hermetic on a GPU host too (no NCCL, no shared GPU)
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                   "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port),
                    "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "tests.dist_utils", target, tmp], cwd=REPO, env=env,

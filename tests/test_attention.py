@@ -1,7 +1,14 @@
-"""The sdpa backend must agree with the plain reference under every mask the models use."""
+"""The attention backends: sdpa agrees with the plain reference under every mask the models use and hands
+SDPA K/V a fused kernel takes; flash-attn (a stand-in here) is chosen where it can run, fed its varlen metadata
+once per forward, and every call it cannot take falls back to sdpa."""
+
+import logging
+import sys
+import types
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pretrain.models import attention as attn_mod
 from pretrain.models.attention import attention, cu_seqlens_from_document_ids
@@ -109,3 +116,176 @@ def test_bad_backends_are_named():
             attention(q, k, v, causal=True, backend="flash_attn")
     with pytest.raises(ValueError, match="not a multiple"):
         attention(q, k[:, :, :3], v[:, :, :3], causal=True)
+
+
+# --- flash-attn: chosen automatically where it can run, fed once per forward, never a crash -------------------
+
+class FakeFlashAttn(types.ModuleType):
+    """Stand-in for the ``flash_attn`` package (GPU only): refuses what the real kernels refuse (fp32, head dims
+    above 256), computes the reference attention and records every call."""
+
+    def __init__(self):
+        super().__init__("flash_attn")
+        self.calls: list[dict] = []
+
+    def _check(self, q):
+        if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] > 256:
+            raise RuntimeError("FlashAttention only supports fp16 and bf16 data type, head dim <= 256")
+
+    def flash_attn_func(self, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+        self._check(q)
+        self.calls.append(dict(kind="func", q_heads=q.shape[2], kv_heads=k.shape[2], causal=causal))
+        return attention(q, k, v, causal=causal, scale=softmax_scale, backend="reference")
+
+    def flash_attn_varlen_func(self, q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None,
+                               causal=False):
+        self._check(q)
+        assert cu_q.dtype == torch.int32 and type(max_q) is int and cu_q is cu_k and max_q == max_k
+        self.calls.append(dict(kind="varlen", cu=cu_q, max=max_q, causal=causal))
+        bounds = cu_q.tolist()
+        return torch.cat([attention(q[None, a:z], k[None, a:z], v[None, a:z], causal=causal, scale=softmax_scale,
+                                    backend="reference")[0] for a, z in zip(bounds, bounds[1:])])
+
+
+@pytest.fixture
+def fake_flash(monkeypatch):
+    fake = FakeFlashAttn()
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    monkeypatch.setattr(attn_mod, "flash_attn_func", fake.flash_attn_func)
+    monkeypatch.setattr(attn_mod, "flash_attn_varlen_func", fake.flash_attn_varlen_func)
+    monkeypatch.setattr(attn_mod, "FLASH_DEVICES", ("cuda", "cpu"))  # the stand-in runs on CPU
+    monkeypatch.setattr(attn_mod, "_logged_fallbacks", set())
+    return fake
+
+
+def _bf16(*tensors):
+    return [t.bfloat16() for t in tensors]
+
+
+def test_auto_is_the_default_and_uses_flash_attn_when_it_can(fake_flash):
+    from pretrain.models.gpt.config import GPTConfig
+    from pretrain.models.t5.config import T5Config
+
+    assert GPTConfig().attention_backend == "auto" and T5Config().attention_backend == "auto"
+    q, k, v = _bf16(*_qkv(6, kv_heads=2))
+    out = attention(q, k, v, causal=True)
+    assert fake_flash.calls == [dict(kind="func", q_heads=HQ, kv_heads=2, causal=True)]  # GQA K/V as they are
+    torch.testing.assert_close(out, attention(q, k, v, causal=True, backend="sdpa"), atol=1e-2, rtol=1e-2)
+    out = attention(q, k, v, causal=True, document_ids=_docs())
+    assert fake_flash.calls[-1]["kind"] == "varlen" and fake_flash.calls[-1]["cu"].tolist() == [0, 5, 9, 12, 24]
+    torch.testing.assert_close(out, attention(q, k, v, causal=True, document_ids=_docs(), backend="sdpa"),
+                               atol=1e-2, rtol=1e-2)
+
+
+def _tree_mask():
+    from pretrain.evals.model import packed_mask
+
+    return packed_mask(torch.tensor([[0] * 4 + [1] * 4 + [2] * 4] * B))
+
+
+FLASH_CANNOT = {  # what flash-attn cannot take -> (dtype, attention() keywords)
+    "fp32 tensors (evaluation without autocast)": (torch.float32, lambda: {}),
+    "explicit mask (packed evaluation)": (torch.bfloat16, lambda: dict(mask=_tree_mask())),
+    "padding mask": (torch.bfloat16, lambda: dict(key_mask=_key_mask())),
+    "bias (T5)": (torch.bfloat16, lambda: dict(bias=torch.randn(1, HQ, S, S, generator=torch.Generator().manual_seed(1))
+                                               .bfloat16())),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "flash_attn"])
+def test_calls_flash_attn_cannot_take_fall_back_to_sdpa_logging_once(fake_flash, caplog, backend):
+    for name, (dtype, kwargs) in FLASH_CANNOT.items():
+        q, k, v = (t.to(dtype) for t in _qkv(7))
+        kw = kwargs()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pretrain.models.attention"):
+            outs = [attention(q, k, v, causal=True, backend=backend, **kw) for _ in range(3)]
+        assert fake_flash.calls == [], name
+        torch.testing.assert_close(outs[-1], attention(q, k, v, causal=True, backend="sdpa", **kw), atol=0, rtol=0)
+        warnings = [r.getMessage() for r in caplog.records]
+        assert len(warnings) == (backend == "flash_attn"), (name, warnings)  # one line, not one per call
+        assert all("such calls use sdpa" in w for w in warnings)
+
+
+def test_flash_attn_config_evaluates_packed_and_fp32(fake_flash):
+    """A flash_attn model scored like evaluation does (fp32, explicit packed mask) gives the sdpa numbers."""
+    from pretrain.models import build_model
+
+    cfg = dict(vocab_size=48, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32)
+    torch.manual_seed(0)
+    flash = build_model("gpt", dict(cfg, attention_backend="flash_attn")).eval()
+    torch.manual_seed(0)
+    sdpa = build_model("gpt", dict(cfg, attention_backend="sdpa")).eval()
+    ids = torch.randint(0, 48, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = _tree_mask()
+    torch.testing.assert_close(flash.hidden(ids, mask=mask)[0], sdpa.hidden(ids, mask=mask)[0], atol=0, rtol=0)
+    torch.testing.assert_close(flash.hidden(ids)[0], sdpa.hidden(ids)[0], atol=0, rtol=0)
+    assert fake_flash.calls == []
+
+
+def test_configs_that_could_never_use_flash_attn_are_refused():
+    from pretrain.models.gpt.config import GPTConfig
+    from pretrain.models.t5.config import T5Config
+
+    with pytest.raises(ValueError, match=r"model.attention_backend=flash_attn: .*relative position bias.*auto"):
+        T5Config(attention_backend="flash_attn").validate()
+    with pytest.raises(ValueError, match=r"model.attention_backend=flash_attn: head dim 320.*auto"):
+        GPTConfig(hidden_size=640, num_heads=2, attention_backend="flash_attn").validate()
+    GPTConfig(hidden_size=512, num_heads=2, attention_backend="flash_attn").validate()  # head dim 256: fine
+
+
+@pytest.mark.parametrize("num_layers", [2, 4])
+def test_document_varlen_metadata_is_computed_once_per_forward(fake_flash, num_layers):
+    """flash-attn with document masking: cu_seqlens and max length are derived once per forward (2 host syncs,
+    whatever the depth) and every layer gets the same tensor."""
+    from pretrain.models import build_model
+    from tests.host_syncs import HostSyncCounter
+
+    torch.manual_seed(0)
+    model = build_model("gpt", dict(vocab_size=48, hidden_size=32, num_layers=num_layers, num_heads=4,
+                                    num_kv_heads=2, max_seq_len=32, document_masking=True,
+                                    attention_backend="flash_attn"))
+    ids = torch.randint(0, 48, (2, 12), generator=torch.Generator().manual_seed(0))
+    with HostSyncCounter() as syncs, torch.autocast("cpu", dtype=torch.bfloat16):
+        model.hidden(ids, document_ids=_docs())[0].float().sum().backward()
+    assert sorted(syncs.ops) == ["_local_scalar_dense", "nonzero"]  # 0 per layer
+    assert [c["kind"] for c in fake_flash.calls] == ["varlen"] * num_layers
+    assert all(c["cu"] is fake_flash.calls[0]["cu"] for c in fake_flash.calls)
+
+
+# --- SDPA with a mask and grouped-query K/V: a fused kernel, never the math path --------------------------------
+
+class _SdpaCalls(TorchDispatchMode):
+    """Records (op, query heads, key heads, has mask) of each SDPA kernel dispatched."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name.startswith("_scaled_dot_product") and not name.endswith("backward"):
+            self.calls.append((name, args[0].shape[1], args[1].shape[1], kwargs.get("attn_mask") is not None))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["documents_gqa", "mqa_padding", "tree_gqa"])
+def test_sdpa_with_a_mask_gets_kv_per_query_head(name):
+    """CUDA's mask-taking kernels (memory-efficient, cuDNN) refuse grouped-query K/V and SDPA would take its math
+    path ([b, h, s, s] fp32 scores): with a mask the sdpa backend hands K/V expanded to the query heads. On CPU
+    the fused kernel is dispatched either way; what it is handed is what decides on CUDA."""
+    kw = {"documents_gqa": dict(document_ids=_docs()), "mqa_padding": dict(key_mask=_key_mask()),
+          "tree_gqa": dict(mask=_tree_mask())}[name]
+    q, k, v = _qkv(8, kv_heads=1 if "mqa" in name else 2, requires_grad=True)
+    with _SdpaCalls() as rec:
+        out = attention(q, k, v, causal="padding" not in name, backend="sdpa", **kw)
+    assert rec.calls == [("_scaled_dot_product_flash_attention_for_cpu", HQ, HQ, True)]
+    ref = attention(q, k, v, causal="padding" not in name, backend="reference", **kw)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
+    for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), torch.autograd.grad((ref * g).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with _SdpaCalls() as rec:  # no mask: grouped-query K/V go to the kernel as they are (flash takes them)
+        attention(q, k, v, causal=True, backend="sdpa")
+    assert rec.calls == [("_scaled_dot_product_flash_attention_for_cpu", HQ, k.shape[2], False)]

@@ -81,3 +81,45 @@ def test_exponent_floats_read_as_numbers(tmp_path):
     assert dataclass_from_dict(OptimizerConfig, {"lr": "1e-5"}, "optimizer").lr == 1e-5  # a string from another reader
     with pytest.raises(ConfigError, match="optimizer.lr must be a number"):
         dataclass_from_dict(OptimizerConfig, {"lr": "fast"}, "optimizer")
+
+
+# --- structure (issue 12 item 4) -----------------------------------------------------------------------------
+def test_every_key_is_listed_with_type_default_and_doc(capsys):
+    """`pretrain config keys` is generated from the dataclasses: every field of every section, with the doc
+    comment written next to it."""
+    import dataclasses
+
+    from pretrain.cli import main
+    from pretrain.config import SECTIONS
+    from pretrain.configlib import describe_keys
+
+    for name, cls in SECTIONS.items():
+        keys = describe_keys(cls, name)
+        assert [k.key for k in keys] == [f"{name}.{f.name}" for f in dataclasses.fields(cls)]
+        assert all(k.doc and k.type for k in keys), [k.key for k in keys if not k.doc]
+    assert main(["config", "keys", "train"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("train.steps "))
+    assert line.split()[:3] == ["train.steps", "int", "1000"] and "optimizer steps" in line
+    assert main(["config", "keys", "trian"]) == 2
+    assert "did you mean 'train'" in capsys.readouterr().err
+
+
+def test_config_machinery_is_a_leaf_and_config_is_in_no_import_cycle():
+    """The generic dict -> dataclass machinery imports nothing of ours; config, schedule, the layout checks,
+    the model registry and the pre-flight step import each other in one direction only."""
+    from tests.test_structure import import_graph
+
+    graph = import_graph()
+    assert not [m for m in graph["pretrain.configlib"] if m.startswith("pretrain")]
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    for module in ("pretrain.config", "pretrain.schedule", "pretrain.parallel.validate", "pretrain.preflight"):
+        assert module not in reachable(module), module

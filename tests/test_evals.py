@@ -17,7 +17,7 @@ import yaml
 
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
-from pretrain.evals.engine import Engine, rolling_windows  # noqa: E402
+from pretrain.evals.engine import Scorer, rolling_windows  # noqa: E402
 from pretrain.evals.harness import evaluate_tasks  # noqa: E402
 from pretrain.evals.local_data import ensure_local_eval_data  # noqa: E402
 from pretrain.evals.model import HFModel  # noqa: E402
@@ -272,7 +272,7 @@ def test_rolling_windows_match_lm_eval():
 
 def test_left_truncation_is_counted_and_applied(tiny_hf):
     model = HFModel.from_pretrained(tiny_hf)
-    engine = Engine(model, progress=False)
+    engine = Scorer(model, progress=False)
     ctx, cont = list(range(2, 2 + CTX + 10)), [300, 301]  # 108 tokens > CTX + 1
     (ll, _), = engine.loglikelihood_tokens([(ctx, cont)])
     assert engine.truncated == 1
@@ -287,7 +287,7 @@ def test_left_truncation_is_counted_and_applied(tiny_hf):
 def test_shared_prefix_requests_run_once(tiny_hf):
     """MMLU-style one-token answers share one forward pass; the scores equal separate passes."""
     model = HFModel.from_pretrained(tiny_hf)
-    engine = Engine(model, progress=False)
+    engine = Scorer(model, progress=False)
     pairs = [("Question: who? Answer:", f" {c}") for c in "ABCD"] + [("Other context", " here")]
     reqs = engine.encode_pairs(pairs)
     assert len(engine._plan(reqs)) == 2
@@ -330,6 +330,10 @@ def test_fewshot_never_includes_the_item(tmp_path):
     ({"dataset_kwargs": {"data_files": {"test": "empty.jsonl"}}}, "split 'test'.*is empty"),
     ({"dataset_kwargs": {"data_files": {"test": "nope.jsonl"}}}, "data file .*nope.jsonl.* does not exist"),
     ({"output_type": "multiple_choice", "doc_to_choice": ["x", "y"]}, "doc_to_target gave ' a0'"),
+    # templates run sandboxed: no way out to Python objects (e.g. q.__class__.__mro__[1].__subclasses__())
+    ({"doc_to_text": "{{ q.__class__.__mro__ }}"}, "doc_to_text .*unsafe.*sandboxed"),
+    ({"dataset_kwargs": {"data_files": {"test": "d.jsonl"}, "trust_remote_code": True}},
+     "trust_remote_code.*refused"),
 ])
 def test_bad_task_files_fail_clearly(tmp_path, change, message):
     (tmp_path / "d.jsonl").write_text(json.dumps({"q": "q0", "a": "a0"}) + "\n")

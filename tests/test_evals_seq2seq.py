@@ -19,11 +19,12 @@ import yaml
 
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
-from pretrain.evals.engine import make_engine  # noqa: E402
+from pretrain.evals.seq2seq import make_scorer  # noqa: E402
 from pretrain.evals.harness import evaluate_tasks  # noqa: E402
-from pretrain.evals.model import HFSeq2SeqModel, load_model  # noqa: E402
+from pretrain.evals.loading import load_model  # noqa: E402
+from pretrain.evals.model import HFSeq2SeqModel  # noqa: E402
 from pretrain.evals.pretrain_model import load_checkpoint_model  # noqa: E402
-from pretrain.evals.seq2seq import Seq2SeqEngine  # noqa: E402
+from pretrain.evals.seq2seq import Seq2SeqScorer  # noqa: E402
 from tests.test_evals import data_dir, lm_eval_tasks, sample_lls  # noqa: E402,F401  fixtures
 from tests.test_evals_real import compare, ours  # noqa: E402
 
@@ -97,7 +98,7 @@ def test_checkpoint_matches_lm_eval_seq2seq(checkpoint, reference):
     through our harness vs lm-eval on the exported model: accuracies identical, log-likelihoods within 1e-4."""
     name, ckpt, _, _ = checkpoint
     model = load_checkpoint_model(ckpt, max_length=CTX)
-    assert model.is_encoder_decoder and isinstance(make_engine(model), Seq2SeqEngine)
+    assert model.is_encoder_decoder and isinstance(make_scorer(model), Seq2SeqScorer)
     PARITY[name] = compare(ours(model, LIMITS), reference)
     res = evaluate_tasks(model, ["kjv_lastword"], limit=LIMITS["kjv_lastword"], progress=False)
     assert res["truncated"] >= 1  # the truncation path is part of what matched
@@ -137,7 +138,7 @@ def test_shared_rows_truncation_and_bad_requests(checkpoint):
     A context longer than max_length keeps its last max_length tokens (counted); a continuation longer
     than max_length is refused."""
     model = load_checkpoint_model(checkpoint[1], max_length=CTX)
-    engine = make_engine(model, progress=False)
+    engine = make_scorer(model, progress=False)
     reqs = [([40, 41, 42], [t]) for t in (300, 301, 302)] + [([40, 41, 42], [300, 305]), ([7, 8], [9])]
     assert len(engine._plan_pairs(reqs)) == 2  # [start] serves the one-token answers and the longer one
     together = engine.loglikelihood_tokens(reqs)

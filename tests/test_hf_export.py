@@ -257,3 +257,41 @@ def test_export_from_data_parallel_checkpoint(tmp_path, sp_tokenizer):
         assert (hf(ids).logits - model.logits(ids)).abs().max().item() <= 1e-4
     with pytest.raises(CheckpointError, match="parallel.tp=2"):  # split, but saved without a sharding index
         export(tmp_path / "tp", tmp_path / "hf_tp")
+
+
+def test_export_force_never_deletes_what_it_did_not_write(tmp_path, sp_tokenizer, monkeypatch):
+    """OUT_DIR that is, contains or is inside the checkpoint, or the working directory, is refused even with
+    --force; --force replaces only an earlier export (and an empty directory)."""
+    src = tmp_path / "x" / "ck"
+    _, step = make_checkpoint(src, "gpt", LLAMA, sp_tokenizer)
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    work = tmp_path / "y"
+    work.mkdir()
+    (work / "data.txt").write_text("mine")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for out, why in ((src, "is or contains the checkpoint"), (step, "inside the checkpoint"),
+                     (tmp_path / "x", "is or contains the checkpoint"), (src / "hf", "inside the checkpoint"),
+                     (Path("."), "the working directory"), (Path(".."), "the working directory"),
+                     (theirs, "not an earlier export")):
+        with pytest.raises(FileExistsError, match=why):
+            export(src, out, force=True)
+    assert (tmp_path / "x" / "notes.txt").exists() and (work / "data.txt").exists() and (theirs / "keep.txt").exists()
+    assert ckpt_io.load_checkpoint(step)[2]["step"] == 7
+    export(src, tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text("{}")  # an earlier export, edited: replaced as a whole
+    export(src, tmp_path / "hf", force=True)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [configs.LLAMA]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "theirs", "x", "y"]  # no temporary leftovers
+
+
+def test_export_refuses_root_and_home(tmp_path, monkeypatch):
+    from pretrain.hf.export import check_out_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    for out in (Path("/"), tmp_path / "home", tmp_path):
+        with pytest.raises(FileExistsError, match="home directory|root directory"):
+            check_out_dir(out, tmp_path / "elsewhere" / "ck", force=True)

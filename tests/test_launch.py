@@ -18,6 +18,7 @@ from pretrain.evals.harness import evaluate_tasks, scalar_metrics
 from pretrain.evals.local_data import ensure_local_eval_data
 from pretrain.evals.pretrain_model import load_checkpoint_model
 from pretrain.launch.env import detect, first_host
+from pretrain.launch.local import exit_code, job_exit_code
 from pretrain.launch.preemption import PreemptionHandler, requeue
 from pretrain.launch.slurm import LaunchError, SlurmJob, check_train_command, render_script
 from tests.dist_utils import REPO, free_port, run_distributed
@@ -156,7 +157,7 @@ def test_launch_local_runs_two_ranks(layout, tiny_shard_prefix, tiny_tokenizer, 
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "rank 0/2" in out.stderr and "torch.distributed.run" in out.stderr
+    assert "rank 0/2" in out.stderr and "[launch] 2 rank(s) on 127.0.0.1:" in out.stderr
     records = [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
     # what one process scores on the saved checkpoint
@@ -166,20 +167,28 @@ def test_launch_local_runs_two_ranks(layout, tiny_shard_prefix, tiny_tokenizer, 
         {k: v for k, v in during.items() if k != "step"}
 
 
+def test_the_job_exit_code_is_the_first_failing_ranks():
+    assert job_exit_code([0, 0]) == 0
+    assert job_exit_code([75, 75]) == job_exit_code([0, 75]) == 75  # stopped with a checkpoint: resume me
+    assert job_exit_code([75, 1]) == 1 and job_exit_code([124, 1]) == 124  # the root cause, not its echo
+    assert job_exit_code([2, 2]) == 2 and job_exit_code([exit_code(-9), 1]) == 137  # SIGKILL: 128 + 9
+
+
 # --- checks before submitting -------------------------------------------------------------------------------
-def test_bad_layouts_and_missing_data_are_refused_before_submit(tiny_shard_prefix, tmp_path):
+def test_bad_layouts_and_missing_data_are_refused_before_submit(tiny_shard_prefix, tiny_tokenizer, tmp_path):
     def job(nodes, gpus, *overrides):
-        return SlurmJob(["train", "configs/gpt_tiny.yaml", f"data.train=[{tiny_shard_prefix}]", *overrides],
+        return SlurmJob(["train", "configs/gpt_tiny.yaml", f"data.train=[{tiny_shard_prefix}]",
+                         f"data.tokenizer={tiny_tokenizer.path}", *overrides],
                         tmp_path, nodes=nodes, gpus_per_node=gpus, workdir=REPO)
 
     check_train_command(job(2, 2, "train.global_batch_size=16", "train.micro_batch_size=4"))  # fine
-    with pytest.raises(LaunchError, match=r"3 ranks is not divisible by parallel.tp x parallel.pp = 2 x 1"):
+    with pytest.raises(LaunchError, match=r"3 processes are not divisible by parallel.tp x parallel.pp = 2 x 1"):
         check_train_command(job(1, 3, "parallel.tp=2"))
-    with pytest.raises(LaunchError, match="global_batch_size=16 is not a multiple of .* = 16 x 2"):
+    with pytest.raises(LaunchError, match="global_batch_size=16 must be a multiple of .* = 16 x 2"):
         check_train_command(job(2, 1))
-    with pytest.raises(LaunchError, match=r"data shard files not found: .*nowhere\.bin"):
+    with pytest.raises(LaunchError, match=r"data.train: shard .*nowhere\.bin.* not found"):
         check_train_command(job(1, 1, f"data.train=[{tmp_path}/nowhere]"))
-    with pytest.raises(LaunchError, match="config error: .*train.stepz"):
+    with pytest.raises(LaunchError, match="unknown key 'train.stepz'"):
         check_train_command(job(1, 1, "train.stepz=3"))
 
 

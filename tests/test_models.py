@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pretrain.models import build_model, config_class
-from pretrain.models.flops import batch_flops, flops_per_token, param_count, t5_flops_per_sample
+from pretrain.models.flops import flops_per_token, gpt_batch_flops, gpt_param_count, t5_batch_flops, t5_flops_per_sample
+from pretrain.models.registry import spec_for_config
 from pretrain.models.layers import LayerFactory, LocalLayers, TiedHead
 from pretrain.models.moe import MoEConfig, SwitchMLP, expert_capacity
 
@@ -170,7 +171,7 @@ def test_activation_checkpointing_same_grads():
         torch.manual_seed(5)  # router jitter must replay identically in recomputation
         model(**_batch("gpt")).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    assert model.blocks[0].checkpoint and not model.blocks[1].checkpoint
+    assert "forward" in vars(model.blocks[0]) and "forward" not in vars(model.blocks[1])  # every_n=2: block 0
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grads[0], grads[2], atol=1e-6, rtol=1e-5)
 
@@ -225,22 +226,23 @@ def test_bf16_autocast_smoke():
 @pytest.mark.parametrize("name", MODELS)
 def test_param_count_matches_numel(name):
     model = _model(name)
-    assert param_count(model.cfg) == sum(p.numel() for p in model.parameters())
+    param_count = spec_for_config(model.cfg).param_count
+    assert param_count(model.cfg, False) == sum(p.numel() for p in model.parameters())
     if "switch" in name:
         expert = sum(p[0].numel() for n, p in model.named_parameters() if n.endswith((".mlp.w_in", ".mlp.w_out")))
-        assert param_count(model.cfg, active=True) == param_count(model.cfg) - 3 * expert  # 4 experts -> 1
+        assert param_count(model.cfg, True) == param_count(model.cfg, False) - 3 * expert  # 4 experts -> 1
 
 
 def test_flops_formulas():
     cfg = config_class("gpt")(**dict(GPT_TINY, moe=MoEConfig()))
-    n = param_count(cfg) - V * 32  # input embedding is a lookup; the untied head is a matmul
+    n = gpt_param_count(cfg) - V * 32  # input embedding is a lookup; the untied head is a matmul
     assert flops_per_token(cfg, 16) == 6 * n + 12 * 2 * 16 * 32
-    assert batch_flops(cfg, _batch("gpt", b=2, s=16)) == 2 * 16 * flops_per_token(cfg, 16)
+    assert gpt_batch_flops(cfg, _batch("gpt", b=2, s=16)) == 2 * 16 * flops_per_token(cfg, 16)
     tied = config_class("gpt")(**dict(GPT_TINY, tie_embeddings=True))
     assert flops_per_token(tied, 16) == flops_per_token(cfg, 16)  # same matmuls, fewer parameters
     t5 = config_class("t5")(**T5_TINY)
     assert t5_flops_per_sample(t5, 16, 16) > t5_flops_per_sample(t5, 16, 8) > t5_flops_per_sample(t5, 8, 8)
-    assert batch_flops(t5, _batch("t5", b=3)) == 3 * t5_flops_per_sample(t5, 16, 8)
+    assert t5_batch_flops(t5, _batch("t5", b=3)) == 3 * t5_flops_per_sample(t5, 16, 8)
 
 
 def test_config_errors_name_the_key():

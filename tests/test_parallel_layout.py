@@ -5,11 +5,18 @@ from __future__ import annotations
 import pytest
 
 from pretrain.parallel.mesh import Layout
-from pretrain.parallel.validate import validate_layout
-from pretrain.config import ConfigError, from_dict
+from pretrain.parallel.validate import validate, validate_layout
+from pretrain.config import ConfigError, from_dict as load
 
 GPT = {"family": "gpt", "vocab_size": 512, "hidden_size": 64, "num_layers": 4, "num_heads": 8,
        "num_kv_heads": 2, "ffn_hidden_size": 128, "max_seq_len": 64}
+
+
+def from_dict(raw: dict):
+    """The config, with the world-size independent layout checks of the pre-flight step."""
+    cfg = load(raw)
+    validate(cfg)
+    return cfg
 
 
 def config(parallel: dict, model: dict | None = None, **train):
@@ -103,3 +110,23 @@ def test_pipeline_needs_enough_micro_batches():
     validate_layout(cfg, 4)  # dp 2: 2 micro-batches for 2 stages
     with pytest.raises(ConfigError, match="needs at least 2 micro-batches per step"):
         validate_layout(cfg, 8)  # dp 4: 1 micro-batch
+
+
+def test_mesh_creates_only_its_own_groups_at_512_ranks(monkeypatch):
+    """At 512 ranks (tp 8, dp 64) the mesh used to call ``new_group`` 1,168 times, each a barrier of all 512
+    ranks, 1,024 of them for size-1 groups. Now each rank creates only the groups it belongs to, with a
+    group-local barrier, and one group for all its size-1 kinds."""
+    import torch.distributed as dist
+
+    from pretrain.parallel.mesh import Mesh
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 512)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 77)
+    monkeypatch.setattr(dist, "new_group", lambda ranks=None, **kw: calls.append((list(ranks), kw)) or len(calls))
+    mesh = Mesh(Layout.from_world(512, tp=8))
+    assert len(calls) == 3, calls  # tp (= mp: one replica), dp (= edp), and one group of {77} for pp and ep
+    assert all(77 in ranks and kw.get("use_local_synchronization") for ranks, kw in calls)
+    assert mesh.ranks["tp"] == list(range(72, 80)) and mesh.ranks["dp"] == list(range(5, 512, 8))
+    assert mesh.group("tp") == mesh.group("mp") and mesh.group("pp") == mesh.group("ep") != mesh.group("dp")

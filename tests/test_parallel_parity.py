@@ -1,12 +1,12 @@
 """Parity: every layout trains like one process (same seed, same data), on real gloo processes.
 
 Per launch, one group of layouts runs back to back in the same processes (imports and process start are the
-slow part on CPU). The single-process reference is :class:`pretrain.engine.LocalEngine` in the test process.
+slow part on CPU). The single-process reference is :class:`pretrain.local_engine.LocalEngine` in the test process.
 Checked per layout: per-step loss (relative difference <= 1e-5), per-step global gradient norm (so clipping
 sees the true norm; clipping is active: the norm exceeds ``clip_grad``) and the final parameters (gathered
-over tensor, pipeline and expert ranks). Layouts cover DP with ZeRO 0-3, TP, TP+SP, PP 1F1B and interleaved
-(tied embeddings, Switch aux losses from an earlier stage), EP, EP x TP (+SP), their 4-rank combinations and
-DP2 x TP2 x PP2 on 8 ranks, for GPT-2 and Llama style GPT, T5, Switch-GPT and Switch-T5; some resume from a
+over tensor, pipeline and expert ranks). Layouts cover plain DP (DDP), DP with ZeRO 0-3, TP, TP+SP, PP 1F1B
+and interleaved (tied embeddings, Switch aux losses from an earlier stage), EP, EP x TP (+SP), their 4-rank
+combinations and DP2 x TP2 x PP2 on 8 ranks, for GPT-2 and Llama style GPT, T5, Switch-GPT and Switch-T5; some resume from a
 mid-run engine state dict, one skips a NaN step.
 """
 
@@ -64,7 +64,7 @@ def make_config(model: str, parallel: dict):
         "data": {"seq_length": SEQ, "decoder_seq_length": DEC_SEQ},
         "optimizer": {"lr": LR, "clip_grad": CLIP, "weight_decay": 0.1, "eps": ADAM_EPS},
         "train": {"steps": STEPS, "global_batch_size": GLOBAL_BATCH, "micro_batch_size": MICRO_BATCH,
-                  "seed": 7, "device": "cpu"},
+                  "seed": 7, "device": "cpu", "tf32": False},  # exact fp32 (TF32 would be on for CUDA)
         "parallel": parallel,
     })
 
@@ -98,8 +98,8 @@ def train(engine, model: str, steps: range = range(STEPS)) -> dict[str, list[flo
     losses, norms = [], []
     for step in steps:
         m = engine.train_step(micro_batches(step, model, engine.dp_rank, engine.dp_size), LR)
-        losses.append(m["loss"])
-        norms.append(m["grad_norm"])
+        losses.append(m.loss)
+        norms.append(m.grad_norm)
     return {"loss": losses, "grad_norm": norms}
 
 
@@ -114,7 +114,7 @@ def assert_nan_step_is_skipped(engine, step: int, model: str) -> None:
     metrics = engine.train_step(micro_batches(step, model, engine.dp_rank, engine.dp_size), LR)
     if handle:
         handle.remove()
-    assert metrics["skipped"] == 1.0, metrics
+    assert metrics.skipped, metrics
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, engine.model.parameters()))
 
 
@@ -135,12 +135,12 @@ def layouts_worker(args: dict) -> dict:
     """
     import torch.distributed as dist
 
-    from pretrain.parallel.engine import build_engine
+    from pretrain.engines import build_engine
 
     out = {}
     for name, (model, parallel, *resume) in args["layouts"].items():
         cfg = make_config(model, parallel)
-        engine = build_engine(cfg)
+        engine = build_engine(cfg, parallel=bool(parallel))  # {} = plain DP; {"zero": 0} = DeepSpeed
         if resume == ["nan"]:  # a skipped step in the middle must leave no trace
             half = train(engine, model, range(STEPS // 2))
             assert_nan_step_is_skipped(engine, STEPS // 2, model)
@@ -150,7 +150,7 @@ def layouts_worker(args: dict) -> dict:
             half = train(engine, model, range(STEPS // 2))
             state = roundtrip(engine.state_dict())
             del engine
-            engine = build_engine(cfg)
+            engine = build_engine(cfg, parallel=bool(parallel))
             engine.load_state_dict(state)
             rest = train(engine, model, range(STEPS // 2, STEPS))
             result = {k: half[k] + rest[k] for k in half}
@@ -179,7 +179,7 @@ def layouts_worker(args: dict) -> dict:
 
 
 def reference(model: str) -> dict:
-    from pretrain.engine import build_engine
+    from pretrain.engines import build_engine
 
     cfg = make_config(model, {})
     engine = build_engine(cfg)
@@ -216,6 +216,7 @@ def references() -> dict[str, dict]:
 
 LAYOUTS_2 = {
     "dp2 zero0 gpt2": ("gpt2", {"zero": 0}),
+    "dp2 ddp gpt2": ("gpt2", {}),  # plain data parallelism: LocalEngine with DDP buckets
     "dp2 zero1 llama": ("llama", {"zero": 1}),
     "dp2 zero2 gpt2 nan-skip": ("gpt2", {"zero": 2}, "nan"),
     "dp2 zero3 llama": ("llama", {"zero": 3}),

@@ -93,6 +93,7 @@ def test_bad_input_is_counted_and_kept_out(tiny_tokenizer, tmp_path):
                      "\ufffd\ufffdodd bytes", "another line"]
 
 
+@pytest.mark.slow  # prepare's worker processes
 def test_json_lone_surrogates_are_repaired_not_a_crash(tiny_tokenizer, tmp_path):
     """JSON may escape a lone UTF-16 surrogate; no tokenizer can encode it, so it is counted and made U+FFFD."""
     (tmp_path / "s.jsonl").write_text('{"text": "pair \\ud83d\\ude00 ok"}\n{"text": "lone \\ud800 here"}\n'
@@ -105,19 +106,21 @@ def test_json_lone_surrogates_are_repaired_not_a_crash(tiny_tokenizer, tmp_path)
         prepare([str(tmp_path / "s.jsonl")], tiny_tokenizer.path, tmp_path / "o2", strict=True, progress=False)
 
 
+@pytest.mark.slow  # prepare's worker processes
 def test_strict_names_file_and_line_and_leaves_nothing(tiny_tokenizer, tmp_path, capsys):
     _bad_jsonl(tmp_path / "bad.jsonl")
     with pytest.raises(CorpusError, match=r"bad\.jsonl:2: bad_json"):
         prepare([str(tmp_path / "bad.jsonl")], tiny_tokenizer.path, tmp_path / "o", strict=True, progress=False)
     rc = main(["prepare", "--input", str(tmp_path / "bad.jsonl"), "--tokenizer", tiny_tokenizer.path,
                "--output", str(tmp_path / "o"), "--strict", "--no-progress", "--workers", "2"])
-    assert rc == 1 and "bad.jsonl:2: bad_json" in capsys.readouterr().err
+    assert rc == 2 and "bad.jsonl:2: bad_json" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # no partial or temporary shard
 
 
+@pytest.mark.slow  # prepare's worker processes
 def test_workers_give_identical_shards_and_metadata(tiny_corpus, tiny_tokenizer, tiny_shard_prefix, tmp_path,
                                                     monkeypatch):
-    monkeypatch.setattr(data.prepare, "CHUNK_CHARS", 20_000)  # many chunks in flight, ordering matters
+    monkeypatch.setattr(pretrain.data.prepare, "CHUNK_CHARS", 20_000)  # many chunks in flight, ordering matters
     meta = prepare([str(tiny_corpus)], tiny_tokenizer.path, tmp_path / "w2", workers=2, append_eod=True,
                    progress=False)
     for ext in (".bin", ".idx"):
@@ -194,11 +197,12 @@ def test_tokenizer_loads_from_shard_metadata(tiny_shard_prefix, tiny_tokenizer):
     assert tok.identity == tiny_tokenizer.identity
 
 
+@pytest.mark.slow  # prepare's worker processes
 def test_reading_stays_bounded_ahead_of_writing(tiny_corpus, tiny_tokenizer, tmp_path, monkeypatch):
     """At most 2 * workers chunks are read but not yet written (a fast reader cannot flood memory)."""
-    monkeypatch.setattr(data.prepare, "CHUNK_CHARS", 20_000)
+    monkeypatch.setattr(pretrain.data.prepare, "CHUNK_CHARS", 20_000)
     read, ahead = [0], []
-    real_chunks, real_add = data.prepare._chunks, data.prepare.IndexedDatasetWriter.add_documents
+    real_chunks, real_add = pretrain.data.prepare._chunks, pretrain.data.prepare.IndexedDatasetWriter.add_documents
 
     def counting_chunks(*args):
         for chunk in real_chunks(*args):
@@ -209,8 +213,8 @@ def test_reading_stays_bounded_ahead_of_writing(tiny_corpus, tiny_tokenizer, tmp
         ahead.append(read[0] - len(ahead) - 1)
         real_add(self, flat, lengths)
 
-    monkeypatch.setattr(data.prepare, "_chunks", counting_chunks)
-    monkeypatch.setattr(data.prepare.IndexedDatasetWriter, "add_documents", recording_add)
+    monkeypatch.setattr(pretrain.data.prepare, "_chunks", counting_chunks)
+    monkeypatch.setattr(pretrain.data.prepare.IndexedDatasetWriter, "add_documents", recording_add)
     prepare([str(tiny_corpus)], tiny_tokenizer.path, tmp_path / "b", workers=2, progress=False)
     assert len(ahead) == read[0] > 20 and max(ahead) <= 4
 

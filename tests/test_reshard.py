@@ -75,7 +75,7 @@ def micro_batches(step: int, dp_rank: int, dp_size: int) -> list[dict]:
 
 
 def train(engine, steps: range) -> list[float]:
-    return [engine.train_step(micro_batches(s, engine.dp_rank, engine.dp_size), LR)["loss"] for s in steps]
+    return [engine.train_step(micro_batches(s, engine.dp_rank, engine.dp_size), LR).loss for s in steps]
 
 
 def save(engine, cfg, root, step: int, rank: int = 0, world: int = 1, barrier=lambda: None):
@@ -99,19 +99,19 @@ def resume(engine, path) -> list[float]:
 def matrix_worker(args: dict) -> dict:
     import torch.distributed as dist
 
-    from pretrain.parallel.engine import build_engine
+    from pretrain.engines import build_engine
 
     rank, world = dist.get_rank(), dist.get_world_size()
     for name, (model, parallel) in args.get("sources", SOURCES).items():
         cfg = make_config(model, parallel)
-        engine = build_engine(cfg)
+        engine = build_engine(cfg, parallel=True)
         train(engine, range(HALF))
         save(engine, cfg, f"{args['root']}/{name}", HALF, rank, world, dist.barrier)
         del engine
     out = {}
     for name, (source, parallel) in args.get("targets", TARGETS).items():
         cfg = make_config(model_of(source), parallel)
-        engine = build_engine(cfg)
+        engine = build_engine(cfg, parallel=True)
         out[name] = resume(engine, f"{args['root']}/{source}")
         del engine
     return out
@@ -122,7 +122,7 @@ def model_of(source: str) -> str:
 
 
 def local_engine(model: str):
-    from pretrain.engine import LocalEngine
+    from pretrain.local_engine import LocalEngine
     from pretrain.models import build_model
     from pretrain.models.layers import LocalLayers
 

@@ -214,3 +214,24 @@ def test_dry_run_script_for_64_nodes_matches_golden_file():
         GOLDEN.write_text(out.stdout)
     assert out.stdout == GOLDEN.read_text(), f"regenerate with PRETRAIN_UPDATE_GOLDEN=1 if intended:\n{out.stdout}"
     assert subprocess.run(["bash", "-n", str(GOLDEN)]).returncode == 0  # the script parses
+
+
+@pytest.mark.parametrize("task_per_rank, cpus, env, want", [
+    (False, None, {"SLURM_CPUS_ON_NODE": "96"}, 96),  # default: whole node, all its CPUs to the torchrun task
+    (True, None, {"SLURM_CPUS_ON_NODE": "96"}, 12),  # one task per rank: the node's CPUs / 8
+    (True, 10, {"SLURM_CPUS_ON_NODE": "96", "SLURM_CPUS_PER_TASK": "10"}, 10)])
+def test_srun_gets_cpus_per_task(task_per_rank, cpus, env, want, tmp_path):
+    """srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05): without it one CPU feeds 8 ranks."""
+    from pretrain.launch.slurm import SlurmJob, render_script
+
+    job = SlurmJob(command=["train", "c.yaml"], run_dir=tmp_path, nodes=2, gpus_per_node=8, cpus_per_task=cpus,
+                   task_per_rank=task_per_rank)
+    text = render_script(job)
+    header = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+    assert ("#SBATCH --exclusive" in header) == (cpus is None)  # no CPU count given: take whole nodes
+    srun = next(line for line in text.splitlines() if line.startswith("srun "))
+    assert '--cpus-per-task="$CPUS_PER_TASK"' in srun
+    assign = next(line for line in text.splitlines() if line.startswith("CPUS_PER_TASK="))
+    out = subprocess.run(["bash", "-c", f'{assign}\necho "$CPUS_PER_TASK"'], env={"PATH": os.environ["PATH"], **env},
+                         capture_output=True, text=True)
+    assert int(out.stdout) == want, out.stderr

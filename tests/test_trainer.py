@@ -190,15 +190,16 @@ def test_torch_rng_and_numpy_rng_roundtrip():
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
 
 
-def test_sigusr1_sets_the_stop_flag():
+@pytest.mark.parametrize("name", ["SIGUSR1", "SIGTERM", "SIGINT"])  # Ctrl-C too asks for a save
+def test_stop_signals_set_the_stop_flag(name):
     import signal
 
     from pretrain.train import install_stop_handler
 
     stop, handler = install_stop_handler()
     try:
-        os.kill(os.getpid(), signal.SIGUSR1)
-        assert stop.requested and stop.reason == "SIGUSR1"
+        os.kill(os.getpid(), getattr(signal, name))
+        assert stop.requested and stop.reason == name
     finally:
         handler.uninstall()
 
@@ -251,13 +252,14 @@ def test_task_evaluation_during_training_matches_pretrain_eval(name, tmp_path, t
 
 def test_eval_tasks_are_validated_before_training(tmp_path, tiny_shard_prefix, tiny_tokenizer):
     from pretrain.config import ConfigError
+    from pretrain.preflight import check
+
+    def checked(*overrides: str) -> None:  # the config, then the pre-flight step `pretrain train` runs
+        check(make_cfg("gpt_tiny.yaml", tmp_path, tiny_shard_prefix, tiny_tokenizer, *overrides), world_size=1)
 
     with pytest.raises(ConfigError, match="unknown task 'no_such_task'"):
-        make_cfg("gpt_tiny.yaml", tmp_path, tiny_shard_prefix, tiny_tokenizer, "train.eval_interval=5",
-                 "train.eval_tasks=[no_such_task]")
+        checked("train.eval_interval=5", "train.eval_tasks=[no_such_task]")
     with pytest.raises(ConfigError, match="set train.eval_interval > 0"):
-        make_cfg("gpt_tiny.yaml", tmp_path, tiny_shard_prefix, tiny_tokenizer, "train.eval_interval=0",
-                 "train.eval_tasks=kjv_cont")
+        checked("train.eval_interval=0", "train.eval_tasks=kjv_cont")
     with pytest.raises(ConfigError, match="needs parallel.ep=1, zero<3"):
-        make_cfg("gpt_tiny.yaml", tmp_path, tiny_shard_prefix, tiny_tokenizer, "train.eval_interval=5",
-                 "train.eval_tasks=kjv_cont", "parallel.zero=3")
+        checked("train.eval_interval=5", "train.eval_tasks=kjv_cont", "parallel.zero=3")

@@ -38,10 +38,10 @@ def test_train_step_reads_the_device_once(tmp_path, tiny_shard_prefix, tiny_toke
     trainer = Trainer(cfg, train, valid)
     reads, in_step, step = [], [], trainer.engine.train_step
 
-    def train_step(batches, lr):
+    def train_step(batches, lr, **kw):
         in_step.append(1)
         try:
-            return step(batches, lr)
+            return step(batches, lr, **kw)
         finally:
             in_step.clear()
 
@@ -78,8 +78,9 @@ def test_prefetch_yields_the_synchronous_batches():
 
 
 @pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
-                                          ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
-                                          ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA GeForce GTX 1080", 0)])
+                                          ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989), ("NVIDIA H200 NVL", 835),
+                                          ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA GeForce GTX 1080", 0),
+                                          ("Tesla V100-SXM2-32GB", 0)])  # no bf16 on V100
 def test_gpu_peak_table(name, tflops):
     assert gpu_peak_flops(name) == tflops * 1e12
 
@@ -97,10 +98,10 @@ STALL = textwrap.dedent("""
     trainer = Trainer(cfg, *build_datasets(cfg))
     if dist.get_rank() == 1:
         step = trainer.engine.train_step
-        def stall(batches, lr):
+        def stall(batches, lr, **kw):
             if trainer.step == 2:
                 time.sleep(60)  # rank 0 waits in the gradient all-reduce meanwhile
-            return step(batches, lr)
+            return step(batches, lr, **kw)
         trainer.engine.train_step = stall
     sys.exit(trainer.fit())
 """)

@@ -2,10 +2,14 @@
 
 GPT Llama flavour -> ``LlamaForCausalLM``, GPT-2 flavour -> ``GPT2LMHeadModel``, Switch-GPT ->
 ``Qwen2MoeForCausalLM`` (see :mod:`pretrain.hf.configs` for why), T5 -> ``T5ForConditionalGeneration``,
-Switch-T5 -> ``SwitchTransformersForConditionalGeneration``. The output holds ``config.json``,
+Switch-T5 -> ``SwitchTransformersForConditionalGeneration``: the architecture, its config and its weight table
+come from the family's spec (``hf``, defined in ``pretrain/models/<family>/hf.py``). The output holds ``config.json``,
 ``model.safetensors``, ``generation_config.json`` and tokenizer files (our sentencepiece model converted by
 :mod:`pretrain.hf.tokenizer`, or the HF tokenizer an imported model came with). Written to a temporary
 directory next to ``OUT_DIR`` and renamed into place, so a failed export leaves nothing half-written.
+``--force`` replaces only an empty directory or an earlier export (marked by ``.pretrain-export``); an OUT_DIR that
+is, contains or is inside the checkpoint, or is ``/``, the home or the working directory (or above them), is
+refused.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -23,33 +28,37 @@ from typing import Any
 
 import torch
 
+from pretrain.console import setup_logging
 from pretrain.hf import configs, mapping
+from pretrain.models import registry
+from pretrain.models.spec import HFSpec
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_DIR = "tokenizer"  # inside a checkpoint written by `pretrain import`
+EXPORT_MARKER = ".pretrain-export"  # in every export: --force replaces only directories that hold it
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                       "chat_template.jinja")
 
 
+def hf_spec(family: str) -> HFSpec:
+    """The Hugging Face mapping of ``family`` (its spec's ``hf``)."""
+    hf = registry.family_spec(family).hf
+    if hf is None:
+        raise configs.UnsupportedConfig(f"model.family={family!r}: no Hugging Face export")
+    return hf
+
+
 def rules_for(family: str, cfg, arch: str) -> tuple[list[mapping.Rule], dict[str, str]]:
     """The weight mapping table of ``arch`` for this config, and its tied-tensor aliases."""
-    if family == "t5":
-        table = mapping.t5_rules(cfg)
-    elif arch == configs.GPT2:
-        table = mapping.gpt2_rules(cfg)
-    else:
-        table = mapping.llama_rules(cfg)
-    return table, mapping.aliases(arch, cfg.tie_embeddings)
+    return hf_spec(family).rules(cfg, arch)
 
 
-def hf_classes(arch: str):
-    """``(model class, config class)`` from transformers for an architecture name."""
+def hf_classes(family: str, arch: str):
+    """``(model class, config class)`` from transformers for an architecture of ``family``."""
     import transformers
 
-    config_name = {configs.LLAMA: "LlamaConfig", configs.GPT2: "GPT2Config", configs.QWEN2_MOE: "Qwen2MoeConfig",
-                   configs.T5: "T5Config", configs.SWITCH: "SwitchTransformersConfig"}[arch]
-    return getattr(transformers, arch), getattr(transformers, config_name)
+    return getattr(transformers, arch), getattr(transformers, hf_spec(family).classes[arch])
 
 
 def load_model_state(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
@@ -63,16 +72,11 @@ def load_model_state(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 
 def model_config(meta: dict, where: Path) -> tuple[str, Any]:
     """``(family, validated config dataclass)`` from a checkpoint's ``meta.json``."""
-    from pretrain.config import dataclass_from_dict
-    from pretrain.models import config_class
-
-    model = dict((meta.get("config") or {}).get("model") or {})
-    family = model.pop("family", None)
+    model = (meta.get("config") or {}).get("model") or {}
+    family = model.get("family")
     if not family:
         raise ValueError(f"{where}: meta.json has no config.model.family")
-    cfg = dataclass_from_dict(config_class(family), model, "model")
-    cfg.validate()
-    return family, cfg
+    return family, registry.model_config(family, model)
 
 
 def check_config_kept(hf_config, kwargs: dict[str, Any]) -> None:
@@ -132,14 +136,44 @@ def token_ids(tok_dir: Path, meta: dict, vocab_size: int) -> dict[str, int | Non
     return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
 
 
+def check_out_dir(out: Path, source: Path, force: bool) -> None:
+    """Refuse an ``out`` whose replacement would delete something that is not an earlier export of ours."""
+    where, src = out.resolve(), Path(source).resolve()
+    for kept, what in ((Path("/"), "the root directory"), (Path.home().resolve(), "the home directory"),
+                       (Path.cwd(), "the working directory")):
+        if where == kept or where in kept.parents:
+            raise FileExistsError(f"OUT_DIR {out} is or contains {what}: choose a new directory for the export")
+    if where == src or where in src.parents:
+        raise FileExistsError(f"OUT_DIR {out} is or contains the checkpoint {source}: choose a new directory")
+    if src in where.parents:
+        raise FileExistsError(f"OUT_DIR {out} is inside the checkpoint {source}: choose a directory outside it")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    if out.is_symlink() or not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_MARKER).is_file()):
+        raise FileExistsError(f"{out} is not an earlier export (no {EXPORT_MARKER}), so --force does not replace "
+                              f"it: remove it yourself or choose a new directory")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an earlier export there is renamed aside first and deleted last."""
+    aside = None
+    if out.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        os.replace(out, aside / out.name)
+    os.replace(tmp, out)
+    if aside is not None:
+        shutil.rmtree(aside)
+
+
 def export(ckpt: str | Path, out_dir: str | Path, tokenizer: str | None = None, force: bool = False) -> Path:
     """Write the HF model directory ``out_dir`` from checkpoint ``ckpt``; returns ``out_dir``."""
     from transformers import GenerationConfig
 
     start = time.time()
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    check_out_dir(out, Path(ckpt), force)
     state, meta, step_dir = load_model_state(ckpt)
     family, cfg = model_config(meta, step_dir)
     tok_src = find_tokenizer(step_dir, meta, tokenizer)
@@ -148,26 +182,26 @@ def export(ckpt: str | Path, out_dir: str | Path, tokenizer: str | None = None, 
     try:
         write_tokenizer(tok_src, tmp, getattr(cfg, "max_seq_len", None))
         ids = token_ids(tmp, meta, cfg.vocab_size)
-        arch, kwargs = configs.to_hf_config(family, cfg, ids)
-        model_cls, config_cls = hf_classes(arch)
+        hf = hf_spec(family)
+        arch = hf.architecture(cfg)
+        kwargs = hf.to_config(cfg, arch, {k: ids.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+        model_cls, config_cls = hf_classes(family, arch)
         hf_config = config_cls(**kwargs, architectures=[arch], dtype="float32")
         check_config_kept(hf_config, kwargs)
-        table, alias = rules_for(family, cfg, arch)
+        table, alias = hf.rules(cfg, arch)
         hf_state = mapping.to_hf({k: v.float() for k, v in state.items()}, table, alias)
         with warnings.catch_warnings():  # Qwen2-MoE's width-0 shared expert
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
             model = model_cls(hf_config)
         model.load_state_dict(hf_state, strict=True)
         gen = dict(bos_token_id=ids.get("bos_token_id"), eos_token_id=ids.get("eos_token_id"),
-                   pad_token_id=ids.get("pad_token_id"))
-        if family == "t5":
-            gen["decoder_start_token_id"] = cfg.decoder_start_token_id
+                   pad_token_id=ids.get("pad_token_id"), **hf.generation(cfg))
         model.generation_config = GenerationConfig(**gen)
         model.save_pretrained(tmp)
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"source": str(step_dir)}) + "\n")
         tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        check_out_dir(out, Path(ckpt), force)  # again: OUT_DIR may have changed while we exported
+        _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s (%s, %d tensors) to %s in %.1f s", step_dir, arch, len(state), out, time.time() - start)
@@ -182,7 +216,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging(fmt="%(message)s", stream=sys.stderr)
     try:
         out = export(args.ckpt, args.out_dir, args.tokenizer, args.force)
     except (ValueError, KeyError, RuntimeError, FileNotFoundError, FileExistsError) as e:

@@ -1,11 +1,11 @@
 """``pretrain import HF_DIR OUT_CKPT``: a Hugging Face Llama, GPT-2 or T5 model -> one of our checkpoints.
 
 For continued pretraining from a public model. The architecture is checked from ``config.json`` before any
-weight is read (others are refused by name); the config is translated by :mod:`pretrain.hf.configs` (refusing
-what our models cannot represent exactly) and the weights by the same tables export uses
-(:mod:`pretrain.hf.mapping`). The result is a step-0 checkpoint (``OUT_CKPT/step_00000000`` + ``latest``) whose
-``meta.json`` holds a full training config, with the model's tokenizer files copied to ``OUT_CKPT/tokenizer/``
-(``pretrain.data.tokenizer`` points there) so ``pretrain export`` can write them back.
+weight is read (others are refused by name); the family whose spec lists the architecture translates the
+config (``hf.from_config``, refusing what our models cannot represent exactly) and gives the weight table
+export uses too (:mod:`pretrain.hf.mapping`). The result is a step-0 checkpoint (``OUT_CKPT/step_00000000`` +
+``latest``) whose ``meta.json`` holds a full training config, with the model's tokenizer files copied to
+``OUT_CKPT/tokenizer/`` (``pretrain.data.tokenizer`` points there) so ``pretrain export`` can write them back.
 """
 
 from __future__ import annotations
@@ -22,10 +22,18 @@ from pathlib import Path
 
 import torch
 
+from pretrain.console import setup_logging
 from pretrain.hf import configs, mapping
 from pretrain.hf.export import HF_TOKENIZER_FILES, TOKENIZER_DIR, hf_classes, rules_for
+from pretrain.models.registry import build_model, family_names, family_spec, model_config
 
 log = logging.getLogger(__name__)
+
+
+def importable() -> dict[str, str]:
+    """HF architecture -> the registered family that imports it (its spec's ``hf.from_config``)."""
+    return {arch: name for name in family_names() if family_spec(name).hf is not None
+            for arch in family_spec(name).hf.from_config}
 
 
 def read_hf_config(hf_dir: str | Path):
@@ -36,23 +44,19 @@ def read_hf_config(hf_dir: str | Path):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (HF_DIR must be a saved transformers model directory)")
     archs = json.loads(path.read_text()).get("architectures") or []
-    if len(archs) != 1 or archs[0] not in configs.SUPPORTED_IMPORTS:
+    if len(archs) != 1 or archs[0] not in importable():
         raise configs.UnsupportedConfig(f"{path}: architecture {archs} cannot be imported; supported: "
-                                        f"{', '.join(configs.SUPPORTED_IMPORTS)}")
+                                        f"{', '.join(importable())}")
     return AutoConfig.from_pretrained(hf_dir)
 
 
 def convert(hf_dir: str | Path):
     """``(family, our config dataclass, our state dict, HF config)`` of the model in ``hf_dir``."""
-    from pretrain.config import dataclass_from_dict
-    from pretrain.models import build_model, config_class
-
     hf_config = read_hf_config(hf_dir)
-    family, values = configs.from_hf_config(hf_config)
-    cfg = dataclass_from_dict(config_class(family), values, "model")
-    cfg.validate()
     arch = hf_config.architectures[0]
-    model_cls, _ = hf_classes(arch)
+    family = importable()[arch]
+    cfg = model_config(family, family_spec(family).hf.from_config[arch](hf_config))
+    model_cls, _ = hf_classes(family, arch)
     hf_model = model_cls.from_pretrained(hf_dir, dtype=torch.float32)
     table, alias = rules_for(family, cfg, arch)
     state = mapping.to_ours(hf_model.state_dict(), table, alias)
@@ -107,7 +111,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging(fmt="%(message)s", stream=sys.stderr)
     try:
         path = import_hf(args.hf_dir, args.out_ckpt)
     except (ValueError, KeyError, RuntimeError, FileNotFoundError, FileExistsError) as e:

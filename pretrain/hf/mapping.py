@@ -1,4 +1,5 @@
-"""Weight-name mapping between our models and their Hugging Face counterparts, one table per architecture.
+"""Weight-name mapping between our models and their Hugging Face counterparts: the rule kinds each family's
+table (``pretrain/models/<family>/hf.py``, one table per architecture) is made of, and the conversion.
 
 Each table is a list of :class:`Rule`: one of our tensors <-> one or more HF tensors, with the reshape that goes
 each way. Export (:func:`to_hf`) and import (:func:`to_ours`) walk the *same* table, so they cannot disagree,
@@ -115,116 +116,6 @@ def constant(hf: str, value: Callable[[], Tensor]) -> Rule:
         return ts[0]
 
     return Rule("", (hf,), lambda t: (value(),), join)
-
-
-# --- tables ------------------------------------------------------------------------------------------------
-
-
-def llama_rules(cfg) -> list[Rule]:
-    """GPT Llama flavour <-> ``LlamaForCausalLM``; with ``moe_arch``, Switch-GPT <-> ``Qwen2MoeForCausalLM``."""
-    rules = [same("tok_emb.weight", "model.embed_tokens.weight"), same("norm.weight", "model.norm.weight")]
-    if not cfg.tie_embeddings:
-        rules.append(same("head.weight", "lm_head.weight"))
-    for i in range(cfg.num_layers):
-        o, h = f"blocks.{i}.", f"model.layers.{i}."
-        rules += [
-            same(o + "norm1.weight", h + "input_layernorm.weight"),
-            same(o + "norm2.weight", h + "post_attention_layernorm.weight"),
-            grouped_qkv(o + "attn.qkv.weight", h + "self_attn.q_proj.weight", h + "self_attn.k_proj.weight",
-                        h + "self_attn.v_proj.weight", cfg.num_heads, cfg.kv_heads, cfg.head_dim),
-            same(o + "attn.proj.weight", h + "self_attn.o_proj.weight"),
-        ]
-        if cfg.moe.is_moe_layer(i):
-            d = cfg.hidden_size
-            rules += [
-                same(o + "mlp.router", h + "mlp.gate.weight"),
-                experts(o + "mlp.w_in", h + "mlp.experts.gate_up_proj"),
-                experts(o + "mlp.w_out", h + "mlp.experts.down_proj"),
-                constant(h + "mlp.shared_expert.gate_proj.weight", lambda: torch.zeros(0, d)),
-                constant(h + "mlp.shared_expert.up_proj.weight", lambda: torch.zeros(0, d)),
-                constant(h + "mlp.shared_expert.down_proj.weight", lambda: torch.zeros(d, 0)),
-                constant(h + "mlp.shared_expert_gate.weight", lambda: torch.zeros(1, d)),
-            ]
-        else:
-            rules += [gated(o + "mlp.w_in.weight", h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"),
-                      same(o + "mlp.w_out.weight", h + "mlp.down_proj.weight")]
-    return rules
-
-
-def gpt2_rules(cfg) -> list[Rule]:
-    """GPT GPT-2 flavour <-> ``GPT2LMHeadModel``."""
-    t = "transformer."
-    rules = [same("tok_emb.weight", t + "wte.weight"), same("pos_emb.weight", t + "wpe.weight"),
-             same("norm.weight", t + "ln_f.weight"), same("norm.bias", t + "ln_f.bias")]
-    if not cfg.tie_embeddings:
-        rules.append(same("head.weight", "lm_head.weight"))
-    for i in range(cfg.num_layers):
-        o, h = f"blocks.{i}.", f"{t}h.{i}."
-        rules += [
-            same(o + "norm1.weight", h + "ln_1.weight"), same(o + "norm1.bias", h + "ln_1.bias"),
-            same(o + "norm2.weight", h + "ln_2.weight"), same(o + "norm2.bias", h + "ln_2.bias"),
-            gpt2_qkv(o + "attn.qkv.weight", h + "attn.c_attn.weight", cfg.num_heads, cfg.head_dim, weight=True),
-            gpt2_qkv(o + "attn.qkv.bias", h + "attn.c_attn.bias", cfg.num_heads, cfg.head_dim, weight=False),
-            transposed(o + "attn.proj.weight", h + "attn.c_proj.weight"),
-            same(o + "attn.proj.bias", h + "attn.c_proj.bias"),
-            transposed(o + "mlp.w_in.weight", h + "mlp.c_fc.weight"), same(o + "mlp.w_in.bias", h + "mlp.c_fc.bias"),
-            transposed(o + "mlp.w_out.weight", h + "mlp.c_proj.weight"),
-            same(o + "mlp.w_out.bias", h + "mlp.c_proj.bias"),
-        ]
-    return rules
-
-
-def t5_rules(cfg) -> list[Rule]:
-    """T5 v1.1 <-> ``T5ForConditionalGeneration``; with ``moe.num_experts``, Switch <-> ``SwitchTransformers...``."""
-    heads, d_kv, switch = cfg.num_heads, cfg.d_kv, cfg.moe.enabled
-    bias = "block.0.layer.0.SelfAttention.relative_attention_bias.weight"  # HF keeps the table in block 0
-    rules = [same("embedding.weight", "shared.weight"),
-             same("encoder.relative_bias.weight", "encoder." + bias),
-             same("decoder.relative_bias.weight", "decoder." + bias),
-             same("encoder.norm.weight", "encoder.final_layer_norm.weight"),
-             same("decoder.norm.weight", "decoder.final_layer_norm.weight")]
-    if not cfg.tie_embeddings:
-        rules.append(same("head.weight", "lm_head.weight"))
-    for stack, n in (("encoder", cfg.num_layers), ("decoder", cfg.decoder_layers)):
-        for i in range(n):
-            o, h = f"{stack}.blocks.{i}.", f"{stack}.block.{i}.layer."
-            att = h + "0.SelfAttention."
-            rules += [same(o + "norm1.weight", h + "0.layer_norm.weight"),
-                      per_head(o + "attn.qkv.weight", (att + "q.weight", att + "k.weight", att + "v.weight"),
-                               heads, d_kv),
-                      same(o + "attn.o.weight", att + "o.weight")]
-            ff = h + "1."
-            if stack == "decoder":
-                x = h + "1.EncDecAttention."
-                rules += [same(o + "cross_norm.weight", h + "1.layer_norm.weight"),
-                          same(o + "cross_attn.q.weight", x + "q.weight"),
-                          per_head(o + "cross_attn.kv.weight", (x + "k.weight", x + "v.weight"), heads, d_kv),
-                          same(o + "cross_attn.o.weight", x + "o.weight")]
-                ff = h + "2."
-            rules.append(same(o + "norm2.weight", ff + "layer_norm.weight"))
-            mlp = ff + ("mlp." if switch else "DenseReluDense.")
-            if switch and cfg.moe.is_moe_layer(i):
-                rules += [same(o + "mlp.router", mlp + "router.classifier.weight"),
-                          per_expert(o + "mlp.w_in", mlp + "experts.expert_{e}.wi.weight", cfg.moe.num_experts),
-                          per_expert(o + "mlp.w_out", mlp + "experts.expert_{e}.wo.weight", cfg.moe.num_experts)]
-            elif cfg.activation in ("geglu", "swiglu"):
-                rules += [gated(o + "mlp.w_in.weight", mlp + "wi_0.weight", mlp + "wi_1.weight"),
-                          same(o + "mlp.w_out.weight", mlp + "wo.weight")]
-            else:
-                rules += [same(o + "mlp.w_in.weight", mlp + "wi.weight"),
-                          same(o + "mlp.w_out.weight", mlp + "wo.weight")]
-    return rules
-
-
-# HF tensors that are the same parameter as another one (tied); export fills them, import checks them.
-def aliases(hf_arch: str, tied: bool) -> dict[str, str]:
-    if hf_arch in ("T5ForConditionalGeneration", "SwitchTransformersForConditionalGeneration"):
-        out = {"encoder.embed_tokens.weight": "shared.weight", "decoder.embed_tokens.weight": "shared.weight"}
-        return {**out, "lm_head.weight": "shared.weight"} if tied else out
-    if not tied:
-        return {}
-    embedding = "transformer.wte.weight" if hf_arch == "GPT2LMHeadModel" else "model.embed_tokens.weight"
-    return {"lm_head.weight": embedding}
 
 
 # --- conversion --------------------------------------------------------------------------------------------

@@ -59,10 +59,13 @@ def _t5_params(cfg: T5Config, active: bool) -> tuple[int, int, int]:
     return enc, dec, rest
 
 
-def param_count(cfg: GPTConfig | T5Config, active: bool = False) -> int:
+def gpt_param_count(cfg: GPTConfig, active: bool = False) -> int:
     """Number of parameters; ``active=True`` counts one expert per Switch layer (what a token uses)."""
-    if isinstance(cfg, GPTConfig):
-        return _gpt_params(cfg, active)[0]
+    return _gpt_params(cfg, active)[0]
+
+
+def t5_param_count(cfg: T5Config, active: bool = False) -> int:
+    """As :func:`gpt_param_count`, for T5."""
     return sum(_t5_params(cfg, active))
 
 
@@ -83,9 +86,13 @@ def t5_flops_per_sample(cfg: T5Config, enc_len: int, dec_len: int) -> float:
     return 6.0 * weights + 12.0 * inner * attn
 
 
-def batch_flops(cfg: GPTConfig | T5Config, batch: dict[str, torch.Tensor]) -> float:
+def gpt_batch_flops(cfg: GPTConfig, batch: dict[str, torch.Tensor]) -> float:
     """Training FLOPs of one forward+backward over ``batch`` (shapes only are read)."""
     b, s = batch["input_ids"].shape
-    if isinstance(cfg, GPTConfig):
-        return b * s * flops_per_token(cfg, s)
+    return b * s * flops_per_token(cfg, s)
+
+
+def t5_batch_flops(cfg: T5Config, batch: dict[str, torch.Tensor]) -> float:
+    """As :func:`gpt_batch_flops`, for T5."""
+    b, s = batch["input_ids"].shape
     return b * t5_flops_per_sample(cfg, s, batch["decoder_input_ids"].shape[1])

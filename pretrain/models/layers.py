@@ -95,6 +95,12 @@ class LayerFactory:
 
     tp_size: int = 1
     tp_rank: int = 0
+    sp: bool = False  # sequence parallelism: activations between blocks are split along the sequence
+
+    @property
+    def sequence_shards(self) -> int:
+        """Ranks a sequence is split over between blocks (a pipeline stage's input holds ``1 / this``)."""
+        return self.tp_size if self.sp else 1
 
     def column(self, in_features: int, out_features: int, bias: bool, init_std: float,
                stride: int = 1) -> nn.Module:
@@ -149,9 +155,18 @@ class LayerFactory:
 
 
 class LocalLayers(LayerFactory):
-    """Single-process layers: plain ``nn.Linear`` / ``nn.Embedding`` / ``F.cross_entropy``."""
+    """Single-process layers: plain ``nn.Linear`` / ``nn.Embedding`` / ``F.cross_entropy``.
+
+    ``fused_loss``: compute the head and the loss a chunk at a time (:class:`LinearCrossEntropy`). The engine
+    that builds the model turns it off where the head's weight is not a plain tensor during the step
+    (DeepSpeed ZeRO-3 gathers it only inside the head's own forward) or the model is compiled (inductor fuses
+    the plain version a little better still).
+    """
 
     loss_chunk = 256  # tokens per chunk of the fused head + cross-entropy (their logits stay in cache)
+
+    def __init__(self, fused_loss: bool = True):
+        self.fused_loss = fused_loss
 
     def column(self, in_features, out_features, bias, init_std, stride=1):
         return self._linear(in_features, out_features, bias, init_std)
@@ -179,14 +194,12 @@ class LocalLayers(LayerFactory):
         return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), reduction="none").view_as(labels)
 
     def head_cross_entropy(self, h, head, labels):
-        # Unfused: bf16 or autocast (logits are upcast to fp32 there), a biased head, no backward to prepare, a
-        # DeepSpeed ZeRO-3 weight (gathered only inside the head's own forward), or under torch.compile (inductor
-        # fuses the plain version a little better still).
+        # Unfused: switched off, bf16 or autocast (logits are upcast to fp32 there), a biased head, or no backward
+        # to prepare.
         w = head.weight
-        fusable = (h.dtype == w.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type)
-                   and getattr(head, "bias", None) is None and not hasattr(w, "ds_status"))
-        if not (fusable and torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
-                and not torch.compiler.is_compiling()):
+        fusable = (self.fused_loss and h.dtype == w.dtype == torch.float32
+                   and not torch.is_autocast_enabled(h.device.type) and getattr(head, "bias", None) is None)
+        if not (fusable and torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)):
             return super().head_cross_entropy(h, head, labels)
         loss = LinearCrossEntropy.apply(h.flatten(0, -2), w, labels.flatten(), self.loss_chunk)
         return loss.view_as(labels)

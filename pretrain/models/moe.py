@@ -38,11 +38,11 @@ from pretrain.models.mlp import activate, is_gated
 class MoEConfig:
     num_experts: int = 0  # 0 = dense model
     every: int = 2  # block i uses experts when i % every == every - 1 (Switch: every other block)
-    capacity_factor_train: float = 1.25
-    capacity_factor_eval: float = 2.0
+    capacity_factor_train: float = 1.25  # expert capacity = factor x tokens / experts in training (overflow is dropped)
+    capacity_factor_eval: float = 2.0  # the same at evaluation
     jitter: float = 0.01  # router input multiplied by U(1 - jitter, 1 + jitter) in training
-    aux_loss_weight: float = 0.01
-    z_loss_weight: float = 0.001
+    aux_loss_weight: float = 0.01  # weight of the Switch load-balancing loss
+    z_loss_weight: float = 0.001  # weight of the router z-loss (ST-MoE)
 
     @property
     def enabled(self) -> bool:
@@ -70,32 +70,41 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -
     return max(1, math.ceil(num_tokens * capacity_factor / num_experts))
 
 
+def one_hot(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``F.one_hot(expert, num_experts)`` without its range check (``.item()`` of the min and max on CPU)."""
+    return (expert[:, None] == torch.arange(num_experts, device=expert.device)).long()
+
+
 class TokenDispatcher:
-    """Single-process dispatch: scatter kept tokens into ``[experts, capacity, dim]`` and gather them back."""
+    """Single-process dispatch: scatter kept tokens into ``[experts, capacity, dim]`` and gather them back.
+
+    Static shapes, so no host sync: every token has a slot, ``expert * capacity + position`` when kept and
+    the spare row ``experts * capacity`` (cut off, never read) when dropped.
+    """
 
     def dispatch(self, x: torch.Tensor, expert: torch.Tensor, num_experts: int, capacity: int):
-        """Returns (expert buffer, keep mask ``[tokens]``, state for :meth:`combine`)."""
-        one_hot = F.one_hot(expert, num_experts)
-        position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # rank of each token within its expert's queue
+        """Returns (expert buffer, keep mask ``[tokens]``, the tokens' slots for :meth:`combine`)."""
+        hot = one_hot(expert, num_experts)
+        position = (hot.cumsum(0) * hot).sum(-1) - 1  # rank of each token within its expert's queue
         keep = position < capacity
-        kept = keep.nonzero().squeeze(-1)
-        slot = expert[kept] * capacity + position[kept]
-        buf = x.new_zeros(num_experts * capacity, x.shape[-1]).index_copy(0, slot, x[kept])
-        return buf.view(num_experts, capacity, -1), keep, (kept, slot, x.shape[0])
+        spare = num_experts * capacity
+        slot = torch.where(keep, expert * capacity + position, spare)
+        buf = x.new_zeros(spare + 1, x.shape[-1]).index_copy(0, slot, x)
+        return buf[:spare].view(num_experts, capacity, -1), keep, slot
 
-    def combine(self, y: torch.Tensor, state) -> torch.Tensor:
-        kept, slot, num_tokens = state
-        out = y.new_zeros(num_tokens, y.shape[-1])
-        return out.index_copy(0, kept, y.reshape(-1, y.shape[-1])[slot])
+    def combine(self, y: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """Each token's expert output; zero for dropped tokens (their slot is the spare row)."""
+        y = y.reshape(-1, y.shape[-1])
+        return torch.cat([y, y.new_zeros(1, y.shape[-1])]).index_select(0, slot)
 
 
 class SwitchMLP(nn.Module):
     """Top-1 mixture of ``num_experts`` feed-forward experts; ``forward`` returns (output, aux dict)."""
 
     def __init__(self, cfg: MoEConfig, dim: int, hidden: int, activation: str, bias: bool,
-                 in_std: float, out_std: float, router_std: float = 0.02, layers: LayerFactory | None = None):
+                 in_std: float, out_std: float, router_std: float = 0.02, factory: LayerFactory | None = None):
         super().__init__()
-        self.cfg, self.activation, self.layers = cfg, activation, layers or LocalLayers()
+        self.cfg, self.activation, self.factory = cfg, activation, factory or LocalLayers()
         e, width = cfg.num_experts, hidden * (2 if is_gated(activation) else 1)
         self.router = nn.Parameter(init_normal_(torch.empty(e, dim), router_std))
         self.w_in = nn.Parameter(init_normal_(torch.empty(e, dim, width), in_std))
@@ -120,7 +129,7 @@ class SwitchMLP(nn.Module):
         return torch.bmm(h, self.w_out) if self.bias_out is None else torch.baddbmm(self.bias_out, h, self.w_out)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x = self.layers.gather_sequence(x)  # the whole micro-batch under sequence parallelism
+        x = self.factory.gather_sequence(x)  # the whole micro-batch under sequence parallelism
         shape, e = x.shape, self.cfg.num_experts
         x = x.reshape(-1, shape[-1])
         logits, probs = self.route(x)
@@ -129,8 +138,8 @@ class SwitchMLP(nn.Module):
         capacity = expert_capacity(x.shape[0], e, factor)
         buf, keep, state = self.dispatcher.dispatch(x, expert, e, capacity)
         y = self.dispatcher.combine(self.experts(buf), state) * gate.unsqueeze(-1).to(x.dtype)
-        frac = F.one_hot(expert, e).float().mean(0)
+        frac = one_hot(expert, e).float().mean(0)
         aux = {"load_balance_loss": e * (frac * probs.mean(0)).sum(),
                "z_loss": torch.logsumexp(logits, -1).pow(2).mean(),
                "drop_frac": 1.0 - keep.float().mean().detach()}
-        return self.layers.scatter_sequence(y.view(shape)), aux
+        return self.factory.scatter_sequence(y.view(shape)), aux

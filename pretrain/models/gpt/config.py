@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pretrain.models.attention import BACKENDS
+from pretrain.models.attention import BACKENDS, FLASH_MAX_HEAD_DIM
 from pretrain.models.moe import MoEConfig
 
 FLAVOURS = ("llama", "gpt2")
@@ -13,23 +13,23 @@ CHECKPOINTING = ("none", "full", "every_n")
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 32000
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
+    vocab_size: int = 32000  # token vocabulary (embedding rows and LM-head columns)
+    hidden_size: int = 768  # model width d_model
+    num_layers: int = 12  # transformer blocks
+    num_heads: int = 12  # query heads; head_dim = hidden_size / num_heads
     num_kv_heads: int | None = None  # None = num_heads (no grouped-query attention)
     ffn_hidden_size: int | None = None  # None = 4*hidden (gpt2) or 8/3*hidden rounded up to 256 (llama)
-    max_seq_len: int = 2048
-    flavour: str = "llama"
-    tie_embeddings: bool = False
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    init_std: float = 0.02
-    attention_backend: str = "sdpa"
+    max_seq_len: int = 2048  # longest sequence (learned position table size for gpt2)
+    flavour: str = "llama"  # llama (RMSNorm, RoPE, SwiGLU, no biases) | gpt2 (LayerNorm, learned positions, GELU)
+    tie_embeddings: bool = False  # share the input embedding with the LM head
+    norm_eps: float = 1e-5  # epsilon of every normalisation layer
+    rope_theta: float = 10000.0  # RoPE base frequency (llama flavour)
+    init_std: float = 0.02  # std of the normal init; output projections are scaled by 1/sqrt(2*num_layers)
+    attention_backend: str = "auto"  # auto | sdpa | flash_attn | reference (pretrain.models.attention)
     document_masking: bool = False  # attend only within the document (batch["document_ids"])
     activation_checkpointing: str = "none"  # none | full (every block) | every_n (blocks 0, n, 2n, ...)
-    checkpoint_every: int = 2
-    moe: MoEConfig = field(default_factory=MoEConfig)
+    checkpoint_every: int = 2  # n of activation_checkpointing=every_n
+    moe: MoEConfig = field(default_factory=MoEConfig)  # Switch mixture-of-experts layers (model.moe.*)
 
     @property
     def kv_heads(self) -> int:
@@ -68,6 +68,10 @@ class GPTConfig:
             raise ValueError(f"model.ffn_hidden_size={self.ffn_hidden_size}: must be positive or null")
         if self.attention_backend not in BACKENDS:
             raise ValueError(f"model.attention_backend={self.attention_backend!r}: expected one of {BACKENDS}")
+        if self.attention_backend == "flash_attn" and self.head_dim > FLASH_MAX_HEAD_DIM:
+            raise ValueError(f"model.attention_backend=flash_attn: head dim {self.head_dim} (hidden_size / num_heads) "
+                             f"is above flash-attn's {FLASH_MAX_HEAD_DIM}; use model.attention_backend=auto "
+                             "or more heads")
         if self.activation_checkpointing not in CHECKPOINTING:
             raise ValueError(f"model.activation_checkpointing={self.activation_checkpointing!r}: "
                              f"expected one of {CHECKPOINTING}")

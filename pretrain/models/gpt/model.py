@@ -1,10 +1,9 @@
 """Decoder-only transformer: ``embed -> blocks -> final norm -> head``.
 
-The pieces are separate methods so a pipeline-stage splitter can call them on their own:
-``h = model.embed(input_ids, position_ids)`` on the first stage, ``ctx = model.context(...)`` and
-``h = model.blocks[i](h, ctx)`` on every stage, ``model.head_loss(h, ctx, labels, loss_mask)`` on the last.
-Large layers come from the :class:`LayerFactory`, head counts from ``factory.local_heads``, so the same code runs
-tensor-parallel.
+The pieces are small methods (``embed``, ``context``, ``blocks``, ``final``, ``head``); ``forward`` and
+``stage_forward`` (one pipeline stage of a model cut by :mod:`pretrain.models.gpt.parallelize`) are built from
+them. Large layers come from the :class:`LayerFactory`, head counts from ``factory.local_heads``, so the same
+code runs tensor-parallel.
 
 Fused QKV layout (Megatron's): the projection output is grouped by kv head,
 ``[kv_head][q_0 .. q_{g-1}, k, v][head_dim]`` with ``g = num_heads / num_kv_heads``, so a tensor-parallel column
@@ -17,14 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
-from pretrain.models import ModelOutput, lm_output
-from pretrain.models.attention import attention
+from pretrain.models.attention import DocumentMask, attention
 from pretrain.models.gpt.config import GPTConfig
 from pretrain.models.layers import LayerFactory, LocalLayers, scaled_init_std
 from pretrain.models.mlp import MLP
 from pretrain.models.moe import SwitchMLP
+from pretrain.models.output import ModelOutput, lm_output
 
 
 class KVCache:
@@ -50,7 +48,7 @@ class Context:
     """Per-batch inputs of every block besides the hidden states; also collects the Switch aux losses."""
 
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin: [batch or 1, seq, 1, 1, head_dim]
-    document_ids: torch.Tensor | None = None
+    document_ids: DocumentMask | None = None  # shared by the layers (flash-attn's varlen metadata once)
     mask: torch.Tensor | None = None  # explicit attention mask (see pretrain.models.attention), e.g. for evals
     cache: KVCache | None = None
     moe_aux: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # block index -> aux losses
@@ -71,27 +69,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return torch.addcmul(x * cos, torch.cat([x2, x1], dim=-1), signed_sin)
 
 
-def run_block(block: nn.Module, fn, *args):
-    """Run ``fn(*args)``, recomputing its activations in backward when ``block.checkpoint`` is set."""
-    if block.checkpoint and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
-
-
-def set_checkpointing(blocks: nn.ModuleList, mode: str, every: int) -> None:
-    for i, block in enumerate(blocks):
-        block.checkpoint = mode == "full" or (mode == "every_n" and i % every == 0)
-
-
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig, f: LayerFactory, index: int):
+    def __init__(self, cfg: GPTConfig, factory: LayerFactory, index: int):
         super().__init__()
         self.index, self.backend, self.head_dim = index, cfg.attention_backend, cfg.head_dim
-        self.q_heads, self.kv_heads = f.local_heads(cfg.num_heads), f.local_heads(cfg.kv_heads)
+        self.q_heads, self.kv_heads = factory.local_heads(cfg.num_heads), factory.local_heads(cfg.kv_heads)
         bias = not cfg.llama
-        self.qkv = f.column(cfg.hidden_size, (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias, cfg.init_std)
-        self.proj = f.row(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias,
-                          scaled_init_std(cfg.init_std, cfg.num_layers))
+        self.qkv = factory.column(cfg.hidden_size, (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias,
+                                  cfg.init_std)
+        self.proj = factory.row(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias,
+                                scaled_init_std(cfg.init_std, cfg.num_layers))
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         qkv = self.qkv(x)
@@ -110,21 +97,19 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig, f: LayerFactory, index: int):
+    def __init__(self, cfg: GPTConfig, factory: LayerFactory, index: int):
         super().__init__()
-        self.index, self.checkpoint = index, False
+        self.index = index
         norm = "rmsnorm" if cfg.llama else "layernorm"
-        self.norm1 = f.norm(cfg.hidden_size, norm, cfg.norm_eps)
-        self.attn = SelfAttention(cfg, f, index)
-        self.norm2 = f.norm(cfg.hidden_size, norm, cfg.norm_eps)
+        self.norm1 = factory.norm(cfg.hidden_size, norm, cfg.norm_eps)
+        self.attn = SelfAttention(cfg, factory, index)
+        self.norm2 = factory.norm(cfg.hidden_size, norm, cfg.norm_eps)
         ffn = dict(dim=cfg.hidden_size, hidden=cfg.ffn_size, activation="swiglu" if cfg.llama else "gelu",
                    bias=not cfg.llama, in_std=cfg.init_std, out_std=scaled_init_std(cfg.init_std, cfg.num_layers))
-        self.mlp = SwitchMLP(cfg.moe, **ffn, layers=f) if cfg.moe.is_moe_layer(index) else MLP(f, **ffn)
+        moe = cfg.moe.is_moe_layer(index)
+        self.mlp = SwitchMLP(cfg.moe, **ffn, factory=factory) if moe else MLP(factory, **ffn)
 
     def forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
-        return run_block(self, self._forward, h, ctx)
-
-    def _forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
         h = h + self.attn(self.norm1(h), ctx)
         y = self.mlp(self.norm2(h))
         if isinstance(y, tuple):  # Switch layer: (output, aux losses)
@@ -133,17 +118,16 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig, layers: LayerFactory | None = None):
+    def __init__(self, cfg: GPTConfig, factory: LayerFactory | None = None):
         super().__init__()
-        self.cfg, self.layers = cfg, layers or LocalLayers()
-        f = self.layers
-        self.tok_emb = f.embedding(cfg.vocab_size, cfg.hidden_size, cfg.init_std)
-        self.pos_emb = None if cfg.llama else f.embedding(cfg.max_seq_len, cfg.hidden_size, cfg.init_std)
-        self.blocks = nn.ModuleList(Block(cfg, f, i) for i in range(cfg.num_layers))
-        self.norm = f.norm(cfg.hidden_size, "rmsnorm" if cfg.llama else "layernorm", cfg.norm_eps)
-        self.head = f.lm_head(cfg.hidden_size, cfg.vocab_size, cfg.init_std,
-                              tied_to=self.tok_emb if cfg.tie_embeddings else None)
-        set_checkpointing(self.blocks, cfg.activation_checkpointing, cfg.checkpoint_every)
+        self.cfg, self.factory = cfg, factory or LocalLayers()
+        factory = self.factory
+        self.tok_emb = factory.embedding(cfg.vocab_size, cfg.hidden_size, cfg.init_std)
+        self.pos_emb = None if cfg.llama else factory.embedding(cfg.max_seq_len, cfg.hidden_size, cfg.init_std)
+        self.blocks = nn.ModuleList(Block(cfg, factory, i) for i in range(cfg.num_layers))
+        self.norm = factory.norm(cfg.hidden_size, "rmsnorm" if cfg.llama else "layernorm", cfg.norm_eps)
+        self.head = factory.lm_head(cfg.hidden_size, cfg.vocab_size, cfg.init_std,
+                                    tied_to=self.tok_emb if cfg.tie_embeddings else None)
         if cfg.llama:
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -162,7 +146,7 @@ class GPT(nn.Module):
         h = self.tok_emb(input_ids)
         if self.pos_emb is not None:
             h = h + self.pos_emb(self._positions(input_ids, position_ids, offset))
-        return self.layers.scatter_sequence(h)
+        return self.factory.scatter_sequence(h)
 
     def context(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -172,8 +156,12 @@ class GPT(nn.Module):
         if self.cfg.llama:
             pos = self._positions(input_ids, position_ids, offset)
             rope = (self.rope_cos[pos][:, :, None, None], self.rope_sin[pos][:, :, None, None])
-        docs = document_ids if self.cfg.document_masking else None
+        docs = DocumentMask(document_ids) if self.cfg.document_masking and document_ids is not None else None
         return Context(rope=rope, document_ids=docs, mask=mask, cache=cache)
+
+    def final(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm, leaving the sequence-parallel region: the head's input ``[b, s, d]``."""
+        return self.factory.gather_sequence(self.norm(h))
 
     def hidden(self, input_ids, position_ids=None, document_ids=None, cache=None,
                mask=None) -> tuple[torch.Tensor, Context]:
@@ -184,12 +172,12 @@ class GPT(nn.Module):
             h = block(h, ctx)
         if cache is not None:
             cache.length += input_ids.shape[1]
-        return self.layers.gather_sequence(self.norm(h)), ctx
+        return self.final(h), ctx
 
     def head_loss(self, h: torch.Tensor, ctx: Context, labels: torch.Tensor,
                   loss_mask: torch.Tensor | None = None) -> ModelOutput:
         """LM loss of final-normed hidden states ``h`` plus the Switch auxiliary losses collected in ``ctx``."""
-        token_loss = self.layers.head_cross_entropy(h, self.head, labels)
+        token_loss = self.factory.head_cross_entropy(h, self.head, labels)
         moe = self.cfg.moe
         return lm_output(token_loss, loss_mask, ctx.moe_aux, moe.aux_loss_weight, moe.z_loss_weight)
 
@@ -202,7 +190,20 @@ class GPT(nn.Module):
                document_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """Full-vocabulary logits ``[b, s, vocab]``; with ``cache``, ``input_ids`` continue the cached tokens."""
         h, _ = self.hidden(input_ids, position_ids, document_ids, cache)
-        return self.layers.gather_logits(self.head(h))
+        return self.factory.gather_logits(self.head(h))
+
+    def stage_forward(self, x: torch.Tensor, first: bool, last: bool) -> tuple[torch.Tensor, dict]:
+        """One pipeline stage of a model cut by :func:`pretrain.models.gpt.parallelize.pipeline_stage`: token ids
+        (first stage) or hidden states in; hidden states out, or this rank's vocabulary shard of the logits on
+        the last stage; plus the Switch auxiliary losses of its blocks."""
+        if first:
+            ids, h = x, self.embed(x)
+        else:  # positions and RoPE depend only on the (full) sequence length
+            ids, h = x.new_zeros(x.shape[0], x.shape[1] * self.factory.sequence_shards, dtype=torch.long), x
+        ctx = self.context(ids)
+        for block in self.blocks:
+            h = block(h, ctx)
+        return (self.head(self.final(h)) if last else h), ctx.moe_aux
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.tok_emb.weight

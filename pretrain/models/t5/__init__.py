@@ -1,8 +1,6 @@
-"""T5 v1.1 encoder-decoder (relative position buckets, RMSNorm, gated-GELU, no biases); Switch by config."""
+"""T5 v1.1 encoder-decoder (relative position buckets, RMSNorm, gated-GELU, no biases); Switch by config.
 
-from pretrain.models.t5.config import T5Config
-from pretrain.models.t5.model import T5
-
-CONFIG, MODEL = T5Config, T5
-
-__all__ = ["T5", "T5Config"]
+``config`` (the YAML ``model`` section), ``model``, ``parallelize`` (tensor-parallel sizes, activation
+checkpointing, pipeline cut), ``hf`` (Hugging Face mapping); ``spec`` ties them into the family's
+:class:`~pretrain.models.spec.ModelSpec`, registered in :mod:`pretrain.models.registry`.
+"""

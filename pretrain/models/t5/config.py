@@ -12,24 +12,24 @@ from pretrain.models.moe import MoEConfig
 
 @dataclass
 class T5Config:
-    vocab_size: int = 32128
-    d_model: int = 512
+    vocab_size: int = 32128  # token vocabulary (shared encoder/decoder embedding)
+    d_model: int = 512  # model width
     d_kv: int = 64  # per-head width; num_heads * d_kv need not equal d_model
-    d_ff: int = 1024
+    d_ff: int = 1024  # feed-forward width
     num_layers: int = 8  # encoder blocks
     num_decoder_layers: int | None = None  # None = num_layers
-    num_heads: int = 6
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
+    num_heads: int = 6  # attention heads (each d_kv wide)
+    relative_attention_num_buckets: int = 32  # buckets of the relative position bias
+    relative_attention_max_distance: int = 128  # distance beyond which relative positions share a bucket
     activation: str = "geglu"  # T5 v1.1 gated-GELU; "relu" gives the original T5 FFN
-    norm_eps: float = 1e-6
+    norm_eps: float = 1e-6  # epsilon of the RMS norms
     tie_embeddings: bool = False  # v1.1 unties the LM head; tied heads scale the output by d_model**-0.5
     init_factor: float = 1.0  # Mesh-TF initializer_factor
     decoder_start_token_id: int = 0  # the pad id in T5 vocabularies
-    attention_backend: str = "sdpa"
-    activation_checkpointing: str = "none"
-    checkpoint_every: int = 2
-    moe: MoEConfig = field(default_factory=MoEConfig)
+    attention_backend: str = "auto"  # auto | sdpa | reference; flash_attn cannot add the relative bias
+    activation_checkpointing: str = "none"  # none | full (every block) | every_n (blocks 0, n, 2n, ...)
+    checkpoint_every: int = 2  # n of activation_checkpointing=every_n
+    moe: MoEConfig = field(default_factory=MoEConfig)  # Switch mixture-of-experts layers (model.moe.*)
 
     @property
     def decoder_layers(self) -> int:
@@ -48,7 +48,9 @@ class T5Config:
         if self.attention_backend not in BACKENDS:
             raise ValueError(f"model.attention_backend={self.attention_backend!r}: expected one of {BACKENDS}")
         if self.attention_backend == "flash_attn":
-            raise ValueError("model.attention_backend=flash_attn cannot add T5's relative position bias; use sdpa")
+            raise ValueError("model.attention_backend=flash_attn: T5's self-attention adds a relative position bias, "
+                             "which flash-attn cannot take; use model.attention_backend=auto (flash-attn where "
+                             "it can run, sdpa elsewhere)")
         if self.activation_checkpointing not in CHECKPOINTING:
             raise ValueError(f"model.activation_checkpointing={self.activation_checkpointing!r}: "
                              f"expected one of {CHECKPOINTING}")

@@ -3,7 +3,9 @@
 T5 conventions kept here: no 1/sqrt(d) in attention (it is folded into the query init), one relative position
 bias table per stack shared by all its layers (bidirectional buckets in the encoder, causal in the decoder,
 none in cross-attention), pre-RMSNorm without bias or mean subtraction, Mesh-TF initializer scales, and a shared
-input embedding. Each stack is ``embed -> blocks -> final norm``; the decoder adds the LM head.
+input embedding. Each stack is ``embed -> blocks -> final norm``; the decoder adds the LM head. ``forward``,
+``encode``/``decode`` and ``stage_forward`` (one pipeline stage of a model cut by
+:mod:`pretrain.models.t5.parallelize`) are built from the same small methods.
 
 Self-attention uses a fused QKV projection laid out ``[head][q, k, v][d_kv]`` (whole heads per
 tensor-parallel rank, so no ``stride`` is needed); cross-attention fuses K and V the same way. The relative
@@ -20,12 +22,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from pretrain.models import ModelOutput, lm_output
 from pretrain.models.attention import attention
-from pretrain.models.gpt.model import run_block, set_checkpointing
 from pretrain.models.layers import LayerFactory, LocalLayers
 from pretrain.models.mlp import MLP
 from pretrain.models.moe import SwitchMLP
+from pretrain.models.output import ModelOutput, lm_output
 from pretrain.models.t5.config import T5Config
 
 
@@ -54,19 +55,19 @@ class T5Context:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: T5Config, f: LayerFactory, cross: bool):
+    def __init__(self, cfg: T5Config, factory: LayerFactory, cross: bool):
         super().__init__()
         self.cross, self.backend, self.d_kv = cross, cfg.attention_backend, cfg.d_kv
-        self.heads = f.local_heads(cfg.num_heads)
+        self.heads = factory.local_heads(cfg.num_heads)
         inner, k_std = cfg.num_heads * cfg.d_kv, cfg.init_factor * cfg.d_model ** -0.5
         if cross:
-            self.q = f.column(cfg.d_model, inner, False, k_std * cfg.d_kv ** -0.5)
-            self.kv = f.column(cfg.d_model, 2 * inner, False, k_std)
+            self.q = factory.column(cfg.d_model, inner, False, k_std * cfg.d_kv ** -0.5)
+            self.kv = factory.column(cfg.d_model, 2 * inner, False, k_std)
         else:
-            self.qkv = f.column(cfg.d_model, 3 * inner, False, k_std)
+            self.qkv = factory.column(cfg.d_model, 3 * inner, False, k_std)
             with torch.no_grad():  # queries get the extra d_kv**-0.5 that replaces the softmax scaling
                 self.qkv.weight.view(self.heads, 3, self.d_kv, -1)[:, 0] *= cfg.d_kv ** -0.5
-        self.o = f.row(inner, cfg.d_model, False, cfg.init_factor * inner ** -0.5)
+        self.o = factory.row(inner, cfg.d_model, False, cfg.init_factor * inner ** -0.5)
 
     def forward(self, x: torch.Tensor, ctx: T5Context) -> torch.Tensor:
         if self.cross:
@@ -88,22 +89,19 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: T5Config, f: LayerFactory, index: int, decoder: bool, switch: bool):
+    def __init__(self, cfg: T5Config, factory: LayerFactory, index: int, decoder: bool, switch: bool):
         super().__init__()
-        self.index, self.checkpoint = index, False
-        self.norm1 = f.norm(cfg.d_model, "rmsnorm", cfg.norm_eps)
-        self.attn = Attention(cfg, f, cross=False)
-        self.cross_norm = f.norm(cfg.d_model, "rmsnorm", cfg.norm_eps) if decoder else None
-        self.cross_attn = Attention(cfg, f, cross=True) if decoder else None
-        self.norm2 = f.norm(cfg.d_model, "rmsnorm", cfg.norm_eps)
+        self.index = index
+        self.norm1 = factory.norm(cfg.d_model, "rmsnorm", cfg.norm_eps)
+        self.attn = Attention(cfg, factory, cross=False)
+        self.cross_norm = factory.norm(cfg.d_model, "rmsnorm", cfg.norm_eps) if decoder else None
+        self.cross_attn = Attention(cfg, factory, cross=True) if decoder else None
+        self.norm2 = factory.norm(cfg.d_model, "rmsnorm", cfg.norm_eps)
         ffn = dict(dim=cfg.d_model, hidden=cfg.d_ff, activation=cfg.activation, bias=False,
                    in_std=cfg.init_factor * cfg.d_model ** -0.5, out_std=cfg.init_factor * cfg.d_ff ** -0.5)
-        self.mlp = SwitchMLP(cfg.moe, **ffn, layers=f) if switch else MLP(f, **ffn)
+        self.mlp = SwitchMLP(cfg.moe, **ffn, factory=factory) if switch else MLP(factory, **ffn)
 
     def forward(self, h: torch.Tensor, ctx: T5Context) -> torch.Tensor:
-        return run_block(self, self._forward, h, ctx)
-
-    def _forward(self, h: torch.Tensor, ctx: T5Context) -> torch.Tensor:
         h = h + self.attn(self.norm1(h), ctx)
         if self.cross_attn is not None:
             h = h + self.cross_attn(self.cross_norm(h), ctx)
@@ -116,22 +114,22 @@ class Block(nn.Module):
 class Stack(nn.Module):
     """Encoder or decoder: relative bias table, blocks, final norm (the embedding is shared, in :class:`T5`)."""
 
-    def __init__(self, cfg: T5Config, f: LayerFactory, decoder: bool):
+    def __init__(self, cfg: T5Config, factory: LayerFactory, decoder: bool):
         super().__init__()
-        self.cfg, self.decoder, self.layers = cfg, decoder, f
+        self.cfg, self.decoder, self.factory = cfg, decoder, factory
         self.relative_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)  # all heads
         nn.init.normal_(self.relative_bias.weight, std=cfg.init_factor * cfg.d_model ** -0.5)
         n, first = (cfg.decoder_layers, cfg.num_layers) if decoder else (cfg.num_layers, 0)
         # Switch placement counts within the stack; indices are global so both stacks' aux losses stay apart.
-        self.blocks = nn.ModuleList(Block(cfg, f, first + i, decoder, cfg.moe.is_moe_layer(i)) for i in range(n))
-        self.norm = f.norm(cfg.d_model, "rmsnorm", cfg.norm_eps)
-        set_checkpointing(self.blocks, cfg.activation_checkpointing, cfg.checkpoint_every)
+        self.blocks = nn.ModuleList(Block(cfg, factory, first + i, decoder, cfg.moe.is_moe_layer(i))
+                                    for i in range(n))
+        self.norm = factory.norm(cfg.d_model, "rmsnorm", cfg.norm_eps)
 
     def position_bias(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
         rel = torch.arange(k_len, device=device)[None] - torch.arange(q_len, device=device)[:, None]
         buckets = relative_position_bucket(rel, not self.decoder, self.cfg.relative_attention_num_buckets,
                                            self.cfg.relative_attention_max_distance)
-        return self.layers.head_shard(self.relative_bias(buckets).permute(2, 0, 1)[None])
+        return self.factory.head_shard(self.relative_bias(buckets).permute(2, 0, 1)[None])
 
     def forward(self, h: torch.Tensor, ctx: T5Context) -> torch.Tensor:
         for block in self.blocks:
@@ -140,49 +138,83 @@ class Stack(nn.Module):
 
 
 class T5(nn.Module):
-    def __init__(self, cfg: T5Config, layers: LayerFactory | None = None):
+    def __init__(self, cfg: T5Config, factory: LayerFactory | None = None):
         super().__init__()
-        self.cfg, self.layers = cfg, layers or LocalLayers()
-        f = self.layers
-        self.embedding = f.embedding(cfg.vocab_size, cfg.d_model, cfg.init_factor * 1.0)
-        self.encoder = Stack(cfg, f, decoder=False)
-        self.decoder = Stack(cfg, f, decoder=True)
-        self.head = f.lm_head(cfg.d_model, cfg.vocab_size, cfg.init_factor * 1.0,
-                              tied_to=self.embedding if cfg.tie_embeddings else None)
+        self.cfg, self.factory = cfg, factory or LocalLayers()
+        factory = self.factory
+        self.embedding = factory.embedding(cfg.vocab_size, cfg.d_model, cfg.init_factor * 1.0)
+        self.encoder = Stack(cfg, factory, decoder=False)
+        self.decoder = Stack(cfg, factory, decoder=True)
+        self.head = factory.lm_head(cfg.d_model, cfg.vocab_size, cfg.init_factor * 1.0,
+                                    tied_to=self.embedding if cfg.tie_embeddings else None)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.layers.scatter_sequence(self.embedding(input_ids))
+        return self.factory.scatter_sequence(self.embedding(input_ids))
+
+    def encoder_context(self, seq_len: int, attention_mask: torch.Tensor | None, device: torch.device,
+                        moe_aux: dict | None = None) -> T5Context:
+        bias = self.encoder.position_bias(seq_len, seq_len, device)
+        return T5Context(bias=bias, key_mask=attention_mask, moe_aux={} if moe_aux is None else moe_aux)
+
+    def decoder_context(self, seq_len: int, attention_mask: torch.Tensor | None, encoder_out: torch.Tensor,
+                        moe_aux: dict | None = None) -> T5Context:
+        bias = self.decoder.position_bias(seq_len, seq_len, encoder_out.device)
+        return T5Context(bias=bias, key_mask=attention_mask, encoder_out=encoder_out,
+                         moe_aux={} if moe_aux is None else moe_aux)
+
+    def final(self, h: torch.Tensor) -> torch.Tensor:
+        """The decoder's output leaving the sequence-parallel region, scaled for a tied head as in T5."""
+        h = self.factory.gather_sequence(h)
+        return h * self.cfg.d_model ** -0.5 if self.cfg.tie_embeddings else h
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                moe_aux: dict | None = None) -> torch.Tensor:
         """Final-normed encoder output ``[b, enc_len, d]``; under sequence parallelism this rank's sequence
         shard, which is what the decoder's cross-attention takes."""
-        s = input_ids.shape[1]
-        ctx = T5Context(bias=self.encoder.position_bias(s, s, input_ids.device), key_mask=attention_mask,
-                        moe_aux={} if moe_aux is None else moe_aux)
+        ctx = self.encoder_context(input_ids.shape[1], attention_mask, input_ids.device, moe_aux)
         return self.encoder(self.embed(input_ids), ctx)
 
     def decode(self, decoder_input_ids: torch.Tensor, encoder_out: torch.Tensor,
                attention_mask: torch.Tensor | None = None, moe_aux: dict | None = None) -> torch.Tensor:
         """Final-normed decoder states ``[b, dec_len, d]``, scaled for a tied head as in T5."""
-        s = decoder_input_ids.shape[1]
-        ctx = T5Context(bias=self.decoder.position_bias(s, s, decoder_input_ids.device), key_mask=attention_mask,
-                        encoder_out=encoder_out, moe_aux={} if moe_aux is None else moe_aux)
-        h = self.layers.gather_sequence(self.decoder(self.embed(decoder_input_ids), ctx))
-        return h * self.cfg.d_model ** -0.5 if self.cfg.tie_embeddings else h
+        ctx = self.decoder_context(decoder_input_ids.shape[1], attention_mask, encoder_out, moe_aux)
+        return self.final(self.decoder(self.embed(decoder_input_ids), ctx))
 
     def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor, labels: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> ModelOutput:
         moe_aux: dict[int, dict[str, torch.Tensor]] = {}
         enc = self.encode(input_ids, attention_mask, moe_aux)
         h = self.decode(decoder_input_ids, enc, attention_mask, moe_aux)
-        token_loss = self.layers.cross_entropy(self.head(h), labels)
+        token_loss = self.factory.cross_entropy(self.head(h), labels)
         return lm_output(token_loss, loss_mask, moe_aux, self.cfg.moe.aux_loss_weight, self.cfg.moe.z_loss_weight)
 
     def logits(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         enc = self.encode(input_ids, attention_mask)
-        return self.layers.gather_logits(self.head(self.decode(decoder_input_ids, enc, attention_mask)))
+        return self.factory.gather_logits(self.head(self.decode(decoder_input_ids, enc, attention_mask)))
+
+    def stage_forward(self, enc: torch.Tensor, mask: torch.Tensor, dec: torch.Tensor, first: bool,
+                      last: bool) -> tuple[tuple[torch.Tensor, ...] | torch.Tensor, dict]:
+        """One pipeline stage of a model cut by :func:`pretrain.models.t5.parallelize.pipeline_stage`.
+
+        Between stages travels ``(encoder states, encoder padding mask, decoder states)``: the decoder's
+        cross-attention needs the encoder output (and sends its gradient back through every decoder stage),
+        the mask is a batch input every stage needs. The first stage embeds both inputs (later stages only ever
+        receive float states), the last returns this rank's vocabulary shard of the logits. Also returns the
+        Switch auxiliary losses of the stage's blocks.
+        """
+        moe_aux: dict[int, dict[str, torch.Tensor]] = {}
+        if first:
+            enc, dec = self.embed(enc), self.embed(dec)
+        if self.encoder is not None:
+            enc = self.encoder(enc, self.encoder_context(mask.shape[1], mask, enc.device, moe_aux))
+        if self.decoder is None:
+            return (enc, mask, dec), moe_aux
+        ctx = self.decoder_context(dec.shape[1] * self.factory.sequence_shards, mask, enc, moe_aux)
+        dec = self.decoder(dec, ctx)
+        if not last:
+            return (enc.view_as(enc), mask, dec), moe_aux
+        return self.head(self.final(dec)), moe_aux
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
@@ -196,7 +228,7 @@ class T5(nn.Module):
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
             h = self.decode(out, enc, attention_mask)[:, -1:]
-            nxt = self.layers.gather_logits(self.head(h))[:, -1].argmax(-1, keepdim=True)
+            nxt = self.factory.gather_logits(self.head(h))[:, -1].argmax(-1, keepdim=True)
             out = torch.cat([out, nxt], dim=1)
             if eos_token_id is not None:
                 done |= nxt.squeeze(1) == eos_token_id
