@@ -71,6 +71,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def follow_umask(*files: Path) -> None:
+    """Give ``files`` the mode every other file we write has (``0o666`` less the umask): safetensors writes its
+    files owner-only, which would hide a checkpoint's or an export's weights from the group that reads the rest."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in files:
+        os.chmod(f, 0o666 & ~umask)
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write a small text file so readers see the old or the new content, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -197,6 +206,7 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
     with _space_errors(root, tmp, rank, needed, free, writing):
         tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
         save_file(tensors, str(tmp / names[0]), metadata={"step": str(step), "rank": str(rank)})
+        follow_umask(tmp / names[0])
         torch.save(state, tmp / names[1])
         records = {}
         for name in names:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import subprocess
 from pathlib import Path
 
@@ -67,6 +68,17 @@ def test_resave_replaces_the_contents(tmp_path):
 
 
 # --- item 10: every file's size and checksum, verified --------------------------------------------------------
+
+def test_every_file_of_a_checkpoint_follows_the_umask(tmp_path):
+    """safetensors writes owner-only files; a checkpoint's files all get the umask's mode, like its meta.json."""
+    old = os.umask(0o022)
+    try:
+        path = _save(tmp_path / "ckpt", 1)
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in path.iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+
 
 def test_meta_records_size_and_checksum_of_every_file(tmp_path):
     path = _save(tmp_path / "ckpt", 1)

@@ -5,6 +5,7 @@ configs that cannot be represented exactly are refused by name."""
 from __future__ import annotations
 
 import json
+import os
 import sysconfig
 from itertools import islice
 from pathlib import Path
@@ -250,7 +251,12 @@ def test_export_from_data_parallel_checkpoint(tmp_path, sp_tokenizer):
             t.start()
         for t in ranks:
             t.join()
-    out = export(tmp_path / "dp", tmp_path / "hf")
+    old = os.umask(0o022)
+    try:
+        out = export(tmp_path / "dp", tmp_path / "hf")
+    finally:
+        os.umask(old)
+    assert {f.stat().st_mode & 0o777 for f in out.iterdir() if f.is_file()} == {0o644}  # weights too
     hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.arange(5, 40)[None]
     with torch.no_grad():

@@ -150,7 +150,8 @@ def test_segment_cache_off_for_normalizing_models(tiny_corpus, tmp_path):
 
 def test_encoding_does_not_import_pandas(tiny_tokenizer):
     """pyarrow's to_numpy() imports pandas: 0.5 s and ~50 MB in every `pretrain prepare` worker."""
-    code = (f"import sys; from data.tokenizer import load_tokenizer; tok = load_tokenizer({tiny_tokenizer.path!r}); "
+    code = (f"import sys; from pretrain.data.tokenizer import load_tokenizer; "
+            f"tok = load_tokenizer({tiny_tokenizer.path!r}); "
             "flat, lengths = tok.encode_flat(['a b', 'c  d ']); "
             "assert tok._cache is not None and lengths.sum() == len(flat) > 0; print('pandas' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

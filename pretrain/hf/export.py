@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from pretrain.checkpoint import follow_umask
 from pretrain.console import setup_logging
 from pretrain.hf import configs, mapping
 from pretrain.models import registry
@@ -198,6 +199,7 @@ def export(ckpt: str | Path, out_dir: str | Path, tokenizer: str | None = None, 
                    pad_token_id=ids.get("pad_token_id"), **hf.generation(cfg))
         model.generation_config = GenerationConfig(**gen)
         model.save_pretrained(tmp)
+        follow_umask(*(f for f in tmp.iterdir() if f.is_file()))
         (tmp / EXPORT_MARKER).write_text(json.dumps({"source": str(step_dir)}) + "\n")
         tmp.chmod(0o755)
         check_out_dir(out, Path(ckpt), force)  # again: OUT_DIR may have changed while we exported
