@@ -163,7 +163,7 @@ class PretrainModel(EvalModel):
 def load_checkpoint_model(path: str | Path, tokenizer: str | Path | None = None,
                           device: str = "cpu", max_length: int | None = None) -> PretrainModel:
     """A checkpoint (``DIR/step_N`` or a root with ``latest``, saved under any layout) as an EvalModel.
-    The tokenizer defaults to the one the training config names (``pretrain.data.tokenizer``); BOS/EOS ids recorded by
+    The tokenizer defaults to the one the training config names (``data.tokenizer``); BOS/EOS ids recorded by
     ``pretrain import`` (``hf_token_ids``) override the tokenizer's guesses."""
     from pretrain.hf.export import load_model_state, model_config
     from pretrain.models import build_model
@@ -177,7 +177,7 @@ def load_checkpoint_model(path: str | Path, tokenizer: str | Path | None = None,
 
 def checkpoint_tokenizer(meta: dict, step_dir: Path, tokenizer: str | Path | None = None) -> tuple:
     """``(tokenizer, BOS id or None, EOS id or None)`` for a checkpoint: ``tokenizer``, else the training
-    config's ``pretrain.data.tokenizer``; ids recorded by ``pretrain import`` override the tokenizer's guesses."""
+    config's ``data.tokenizer``; ids recorded by ``pretrain import`` override the tokenizer's guesses."""
     from pretrain.data.tokenizer import load_tokenizer
 
     tok_path = tokenizer or meta["config"].get("data", {}).get("tokenizer")

@@ -71,7 +71,7 @@ def join_process_group(device: torch.device) -> None:
     if dist.is_initialized():
         return
     for key, default in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500"), ("RANK", "0"),
-                         ("WORLD_SIZE", "1")):
+                         ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):  # DeepSpeed asserts LOCAL_RANK is set
         os.environ.setdefault(key, default)
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend_for(device), **kwargs)

@@ -92,7 +92,7 @@ def check_config_kept(hf_config, kwargs: dict[str, Any]) -> None:
 
 
 def find_tokenizer(step_dir: Path, meta: dict, override: str | None) -> Path:
-    """Where the tokenizer is: ``--tokenizer``, a ``tokenizer/`` dir by the checkpoint, or ``pretrain.data.tokenizer``."""
+    """Where the tokenizer is: ``--tokenizer``, a ``tokenizer/`` dir by the checkpoint, or ``data.tokenizer``."""
     configured = ((meta.get("config") or {}).get("data") or {}).get("tokenizer")
     candidates = [override] if override else [step_dir / TOKENIZER_DIR, step_dir.parent / TOKENIZER_DIR, configured]
     for c in candidates:

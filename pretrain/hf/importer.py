@@ -5,7 +5,7 @@ weight is read (others are refused by name); the family whose spec lists the arc
 config (``hf.from_config``, refusing what our models cannot represent exactly) and gives the weight table
 export uses too (:mod:`pretrain.hf.mapping`). The result is a step-0 checkpoint (``OUT_CKPT/step_00000000`` +
 ``latest``) whose ``meta.json`` holds a full training config, with the model's tokenizer files copied to
-``OUT_CKPT/tokenizer/`` (``pretrain.data.tokenizer`` points there) so ``pretrain export`` can write them back.
+``OUT_CKPT/tokenizer/`` (``data.tokenizer`` points there) so ``pretrain export`` can write them back.
 """
 
 from __future__ import annotations
