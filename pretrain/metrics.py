@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
 
 import torch
-
-from pretrain.checkpoint import write_atomic
 
 # Dense bf16 peak per GPU (TFLOP/s, no sparsity) by device-name fragment, for MFU when logging.peak_tflops is not
 # set. The first fragment found in the name wins, so variants come before their family ("H100 PCIe" before "H100",
@@ -50,7 +49,9 @@ class MetricsLogger:
         lines = [line for line in self.path.read_text().splitlines() if line.strip()]
         kept = [line for line in lines if _step_of(line) <= step]
         if len(kept) < len(lines):
-            write_atomic(self.path, "".join(line + "\n" for line in kept))
+            tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
             if self.writer is not None:
                 self.writer.close()
                 self.writer = self._tensorboard(purge_step=step + 1)
@@ -123,5 +124,7 @@ def peak_flops(device: torch.device) -> float:
     if measured > table.get(key, 0.0):
         table[key] = measured
         cache.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(cache, json.dumps(table))
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(table))
+        tmp.replace(cache)
     return table[key]

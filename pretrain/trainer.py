@@ -107,9 +107,10 @@ class Trainer:
         meta = {"consumed_samples": self.consumed_samples, "config": self.cfg.to_dict(),
                 "scheduler": {"step": self.step, "consumed_samples": self.consumed_samples},
                 "sharding": reshard.sharding_meta(self.engine)}
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         path = ckpt.save_checkpoint(self.cfg.checkpoint.dir, self.step, state["model"], extra, meta,
-                                    rank=self.rank, world_size=self.world_size,
-                                    keep_last=self.cfg.checkpoint.keep_last, barrier=self.slow_barrier)
+                                    rank=self.rank, world_size=world, keep_last=self.cfg.checkpoint.keep_last,
+                                    barrier=self.slow_barrier)
         log.info("saved checkpoint %s", path)
         return path
 
@@ -255,7 +256,6 @@ class Trainer:
         t, c = self.cfg.train, self.cfg.checkpoint
         total, start = t.steps, self.step
         bad_in_row, window = 0, _Window()
-        batch_flops = family_spec(self.cfg.family).batch_flops
         code = EXIT_OK
         if not c.dir:
             log.warning("checkpoint.dir is not set: no checkpoints will be written, and a stop signal ends the run "
@@ -271,7 +271,8 @@ class Trainer:
             self.stop.stepping = True
             self.step += 1
             self.consumed_samples += gbs
-            flops = sum(batch_flops(self.cfg.model, mb) for mb in batches) * self.engine.dp_size
+            step_flops = family_spec(self.cfg.family).batch_flops
+            flops = sum(step_flops(self.cfg.model, mb) for mb in batches) * self.engine.dp_size
             window.add(time.perf_counter() - t0, out.num_tokens, flops)
             if out.skipped:
                 bad_in_row += 1
