@@ -113,7 +113,8 @@ def main() -> None:
               "labels": torch.randint(0, vocab, (t.micro_batch_size, seq)),
               "loss_mask": torch.ones(t.micro_batch_size, seq)} for _ in range(n_micro)]
     got = measure(engine, batch)
-    want = predict(got.pop("P"), p.zero, engine.dp_size, deepspeed=hasattr(engine, "ds"))
+    # ZeRO partitions over the whole data group: the replicas and, under context parallelism, their cp ranks
+    want = predict(got.pop("P"), p.zero, engine.dp_size * p.cp, deepspeed=hasattr(engine, "ds"))
     rows = [None] * dist.get_world_size() if dist.is_initialized() else None
     row = (dist.get_rank() if rows else 0, got, want)
     if rows:
@@ -121,7 +122,8 @@ def main() -> None:
     else:
         rows = [row]
     if row[0] == 0:
-        print(f"layout tp={p.tp} pp={p.pp} dp={engine.dp_size} zero={p.zero} sp={p.sp}   (MiB, measured / predicted)")
+        print(f"layout tp={p.tp} pp={p.pp} dp={engine.dp_size} cp={p.cp} zero={p.zero} sp={p.sp}   "
+              f"(MiB, measured / predicted)")
         print(f"{'rank':>4} | {'params':>15} | {'grads':>15} | {'optimizer':>15}")
         for rank, g, w in rows:
             cells = " | ".join(f"{g[k]:7.3f} /{w[k]:7.3f}" for k in ("params", "grads", "optimizer"))

@@ -154,20 +154,25 @@ class CorpusReader:
             for lineno, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue  # blank lines separate nothing in JSON Lines; not a document
-                line = self._decode(raw, path, lineno).rstrip("\r\n")
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    self._bad("bad_json", path, lineno, _json_problem(line, e))
-                    continue
-                text = self._text_of(record, path, lineno)
+                text = self.jsonl_text(raw, path, lineno)
                 if text is None:
                     continue
-                if _SURROGATE_ESCAPE.search(raw):
-                    text = self._without_lone_surrogates(text, path, lineno)
                 pos = position()
                 yield Document(text, path, lineno, pos - last)
                 last = pos
+
+    def jsonl_text(self, raw: bytes, path: str, line: int) -> str | None:
+        """The text of one non-blank JSON line, or None (counted) when it is bad input."""
+        decoded = self._decode(raw, path, line).rstrip("\r\n")
+        try:
+            record = json.loads(decoded)
+        except json.JSONDecodeError as e:
+            self._bad("bad_json", path, line, _json_problem(decoded, e))
+            return None
+        text = self._text_of(record, path, line)
+        if text is not None and _SURROGATE_ESCAPE.search(raw):
+            text = self._without_lone_surrogates(text, path, line)
+        return text
 
     def _without_lone_surrogates(self, text: str, path: str, line: int) -> str:
         """JSON can escape a lone UTF-16 surrogate, which is no character (nor valid UTF-8): make it U+FFFD."""

@@ -213,19 +213,24 @@ class GPTDataset:
         return tokens, np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        tokens, piece_lengths = self.window(i)
-        input_ids, labels = tokens[:-1], tokens[1:]
-        s = len(input_ids)
-        loss_mask = np.ones(s, dtype=np.float32)
-        if self.eod_mask_loss:
-            loss_mask[input_ids == self.eod_id] = 0.0
-        position_ids = np.arange(s, dtype=np.int64)
-        document_ids = np.zeros(s, dtype=np.int64)
-        if self.document_masking:
-            start = 0
-            for k, n in enumerate(piece_lengths.tolist()):
-                position_ids[start:start + n] -= start
-                document_ids[start:start + n] = k
-                start += n
-        return {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask,
-                "position_ids": position_ids, "document_ids": document_ids}
+        return gpt_sample(*self.window(i), self.eod_id, self.eod_mask_loss, self.document_masking)
+
+
+def gpt_sample(tokens: np.ndarray, piece_lengths: np.ndarray, eod_id: int, eod_mask_loss: bool,
+               document_masking: bool) -> dict[str, np.ndarray]:
+    """The sample dict of a window of ``seq_len + 1`` tokens made of document pieces of ``piece_lengths``."""
+    input_ids, labels = tokens[:-1], tokens[1:]
+    s = len(input_ids)
+    loss_mask = np.ones(s, dtype=np.float32)
+    if eod_mask_loss:
+        loss_mask[input_ids == eod_id] = 0.0
+    position_ids = np.arange(s, dtype=np.int64)
+    document_ids = np.zeros(s, dtype=np.int64)
+    if document_masking:
+        start = 0
+        for k, n in enumerate(piece_lengths.tolist()):
+            position_ids[start:start + n] -= start
+            document_ids[start:start + n] = k
+            start += n
+    return {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask,
+            "position_ids": position_ids, "document_ids": document_ids}

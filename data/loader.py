@@ -12,11 +12,24 @@ The config is a mapping (or ``pretrain.config.DataConfig``) with these keys; onl
 ``noise_density``         T5 span corruption (0.15)
 ``mean_span_length``      T5 span corruption (3.0)
 ``eod_mask_loss``         GPT: no loss on predictions made from an EOD input
-``document_mask``         GPT: per-document position ids and ``document_ids``
+``document_mask``         GPT: per-document position ids and ``document_ids``; masked LM: ``document_ids``
+``mask_rate``             masked LM (encoder family): share of tokens predicted (0.15)
+``mask_token``            masked LM: the mask token's spelling (default: ``[MASK]`` or ``<mask>``)
+``whole_word_mask``       masked LM: mask whole words
+``sentence_pairs``        masked LM: ``nsp`` / ``sop`` sentence pairs with token types and a label
 ``seed``                  document/sample shuffles, T5 masks
 ``num_workers``           DataLoader workers
 ``cache_dir``             where sample indices are cached (default: ``index_cache/`` next to the first shard)
+``text_key``              raw sources: the JSON key / column holding the text
+``strict``                raw sources: stop at the first bad input record instead of counting it
+``stream_lanes``          raw sources: independent packing lanes (a multiple of the data-parallel size)
+``stream_shuffle``        raw sources: shuffle units and records per epoch (False: file order)
+``stream_chunk_mb``       raw sources: size of the JSON Lines byte ranges that are shuffled as units
 ========================  ==========================================================================
+
+Entries of ``train`` may also be raw text (``.jsonl[.gz]``, ``.parquet``, globs, ``save_to_disk``
+directories, fsspec URLs; :mod:`pretrain.data.raw_source`): it is then tokenized while training, in
+``num_workers`` processes, and blended with any shards by weight (:mod:`pretrain.data.stream_loader`).
 
 Documents are always separated by EOD: shards written without ``--append-eod`` (``PREFIX.json`` says so) get
 a virtual EOD after every document at read time.
@@ -37,8 +50,12 @@ from pretrain.data.blend import BlendedDataset, samples_per_dataset, split_docum
 from pretrain.data.gpt_dataset import GPTDataset
 from pretrain.data.indexed import IndexedDataset
 from pretrain.data.metadata import meta_path, read_metadata, verify_tokenizer
+from pretrain.data.mlm_dataset import MLMDataset
+from pretrain.data.raw_source import cached_units, expand_source, is_raw_source
 from pretrain.data.sampler import DataParallelSampler
-from pretrain.data.t5_dataset import T5Dataset
+from pretrain.data.stream_dataset import Packing, SourceSpec
+from pretrain.data.stream_loader import StreamTrainData
+from pretrain.data.t5_dataset import SpanCorruption, T5Dataset
 from pretrain.data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -46,9 +63,11 @@ log = logging.getLogger(__name__)
 DEFAULTS: dict[str, Any] = {
     "train": [], "valid": [], "split": "98,2,0", "tokenizer": None, "seq_length": 1024, "decoder_seq_length": None,
     "noise_density": 0.15, "mean_span_length": 3.0, "eod_mask_loss": False, "document_mask": False, "seed": 1234,
-    "num_workers": 0, "cache_dir": None,
+    "num_workers": 0, "cache_dir": None, "text_key": "text", "strict": False, "stream_lanes": 8,
+    "stream_shuffle": True, "stream_chunk_mb": 64.0, "mask_rate": 0.15, "mask_token": None, "whole_word_mask": False,
+    "sentence_pairs": "none",
 }
-KINDS = ("gpt", "t5")
+KINDS = ("gpt", "t5", "mlm")
 
 
 def parse_blend(spec: Sequence, key: str = "train") -> tuple[list[str], list[float] | None]:
@@ -92,6 +111,11 @@ def _dataset(kind: str, cfg: dict, tokenizer: Tokenizer, indexed: IndexedDataset
     if kind == "gpt":
         return GPTDataset(indexed, documents, num_samples, cfg["seq_length"], cfg["seed"], tokenizer.eod_id,
                           eod_mask_loss=cfg["eod_mask_loss"], document_masking=cfg["document_mask"], **common)
+    if kind == "mlm":
+        return MLMDataset(indexed, documents, num_samples, cfg["seq_length"], cfg["seed"], tokenizer=tokenizer,
+                          mask_rate=cfg["mask_rate"], mask_token=cfg["mask_token"],
+                          whole_word=cfg["whole_word_mask"], pairs=cfg["sentence_pairs"],
+                          document_masking=cfg["document_mask"], **common)
     return T5Dataset(indexed, documents, num_samples, cfg["seq_length"], cfg["seed"],
                      sentinel_ids=tokenizer.sentinel_ids, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                      noise_density=cfg["noise_density"], mean_noise_span_length=cfg["mean_span_length"],
@@ -120,6 +144,37 @@ def _build(kind: str, cfg: dict, tokenizer: Tokenizer, prefixes: list[str], weig
     return BlendedDataset(datasets, weights, num_samples)
 
 
+def _build_stream(kind: str, cfg: dict, tokenizer: Tokenizer, entries: list[str], weights: list[float] | None,
+                  num_samples: int, cache_dir: Path) -> StreamTrainData:
+    """Training data with raw sources, tokenized while training; shard entries take all their documents."""
+    if kind not in ("gpt", "t5"):
+        raise ValueError(f"data.train: raw sources stream GPT and T5 samples, not {kind!r}; prepare shards with "
+                         f"`pretrain prepare` for this model family")
+    if len(entries) > 1 and weights is None:
+        raise ValueError(f"data.train: {len(entries)} entries with raw sources need weights, e.g. "
+                         f"[0.7, {entries[0]!r}, 0.3, {entries[1]!r}] (raw text has no token count before reading)")
+    per_dataset = samples_per_dataset(weights, num_samples) if weights else [num_samples]
+    datasets, fingerprints = [], {}
+    for d, (entry, n) in enumerate(zip(entries, per_dataset)):
+        if not is_raw_source(entry):
+            indexed, add_eod = _open_shard(entry, tokenizer)
+            datasets.append(_dataset(kind, cfg, tokenizer, indexed, add_eod, np.arange(len(indexed), dtype=np.int32),
+                                     n, cache_dir))
+            continue
+        unit_cache = None if "://" in entry and not cfg["cache_dir"] else cache_dir  # no local dir for a URL
+        units, fingerprints[d] = cached_units(expand_source(entry), int(cfg["stream_chunk_mb"] * 2**20), unit_cache,
+                                              min_units=4 * cfg["stream_lanes"])
+        datasets.append(SourceSpec(entry, units, cfg["stream_lanes"], cfg["seed"], cfg["stream_shuffle"],
+                                   cfg["text_key"], cfg["strict"]))
+    corruption = None if kind == "gpt" else SpanCorruption(
+        cfg["seq_length"], cfg["seed"], sentinel_ids=tokenizer.sentinel_ids, eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id, noise_density=cfg["noise_density"], mean_noise_span_length=cfg["mean_span_length"],
+        decoder_len=cfg["decoder_seq_length"])
+    packing = Packing(kind, cfg["seq_length"], tokenizer.eod_id, cfg["eod_mask_loss"], cfg["document_mask"],
+                      corruption)
+    return StreamTrainData(datasets, weights, num_samples, tokenizer, packing, fingerprints, collate)
+
+
 def build_train_valid_datasets(config: Mapping | Any, kind: str, train_samples: int,
                                valid_samples: int | None = None, tokenizer: Tokenizer | None = None):
     """(train, valid) datasets; ``valid`` is None when there is no validation data.
@@ -136,6 +191,10 @@ def build_train_valid_datasets(config: Mapping | Any, kind: str, train_samples: 
         tokenizer = load_tokenizer(cfg["tokenizer"], num_threads=1)
     prefixes, weights = parse_blend(cfg["train"])
     cache_dir = Path(cfg["cache_dir"] or Path(prefixes[0]).parent / "index_cache")
+    if any(is_raw_source(p) for p in prefixes):
+        valid = (_build(kind, cfg, tokenizer, *parse_blend(cfg["valid"], "valid"), None, valid_samples, cache_dir)
+                 if cfg["valid"] else None)
+        return _build_stream(kind, cfg, tokenizer, prefixes, weights, train_samples, cache_dir), valid
     if cfg["valid"]:
         train = _build(kind, cfg, tokenizer, prefixes, weights, None, train_samples, cache_dir)
         valid = _build(kind, cfg, tokenizer, *parse_blend(cfg["valid"], "valid"), None, valid_samples, cache_dir)

@@ -81,23 +81,12 @@ def span_to_sentinel(tokens: np.ndarray, mask: np.ndarray, sentinel_ids: Sequenc
     return out[~(mask & prev)]
 
 
-class T5Dataset:
-    """Span-corrupted samples of fixed encoder/decoder length from packed chunks of a shard.
+class SpanCorruption:
+    """Sample ``i`` of fixed encoder/decoder length from a chunk of ``raw_len`` tokens (arguments as for
+    :class:`T5Dataset`); the noise mask is drawn from ``default_rng([seed, i])``."""
 
-    Args:
-        indexed, documents, num_samples, seed, cache_dir, add_eod: as for :class:`~pretrain.data.gpt_dataset.GPTDataset`
-            (the raw chunks are packed the same way, without the extra token).
-        encoder_len: encoder input length (512 in T5); the target length follows (114 for 512).
-        decoder_len: pad targets to this length (loss-masked) for a rounder shape; at least the target length.
-        sentinel_ids: ids of ``<extra_id_0>, <extra_id_1>, ...`` in that order (T5's vocabulary has them
-            at the top ids counting down: ``[vocab_size - 1, vocab_size - 2, ...]``).
-        eos_id: appended to inputs and targets. pad_id: pads the encoder input, and starts the decoder.
-    """
-
-    def __init__(self, indexed: IndexedDataset, documents: np.ndarray, num_samples: int | None, encoder_len: int,
-                 seed: int, *, sentinel_ids: Sequence[int], eos_id: int, pad_id: int, noise_density: float = 0.15,
-                 mean_noise_span_length: float = 3.0, decoder_len: int | None = None, add_eod: bool = False,
-                 cache_dir: str | Path | None = None):
+    def __init__(self, encoder_len: int, seed: int, *, sentinel_ids: Sequence[int], eos_id: int, pad_id: int,
+                 noise_density: float = 0.15, mean_noise_span_length: float = 3.0, decoder_len: int | None = None):
         self.encoder_len, self.seed = encoder_len, seed
         self.noise_density, self.mean_noise_span_length = noise_density, mean_noise_span_length
         self.sentinel_ids, self.eos_id, self.pad_id = list(sentinel_ids), eos_id, pad_id
@@ -110,14 +99,8 @@ class T5Dataset:
         spans = _noise_counts(self.raw_len, noise_density, mean_noise_span_length)[1]
         if spans > len(self.sentinel_ids):
             raise ValueError(f"encoder_len {encoder_len} needs {spans} sentinel ids, got {len(self.sentinel_ids)}")
-        self.chunks = GPTDataset(indexed, documents, num_samples, self.raw_len, seed, eos_id, add_eod=add_eod,
-                                 extra_token=0, cache_dir=cache_dir)
 
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        tokens, _ = self.chunks.window(i)
+    def __call__(self, tokens: np.ndarray, i: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, i])
         mask = random_spans_noise_mask(len(tokens), self.noise_density, self.mean_noise_span_length, rng)
         inputs = np.append(span_to_sentinel(tokens, mask, self.sentinel_ids), self.eos_id)
@@ -134,3 +117,33 @@ class T5Dataset:
         out = np.full(length, self.pad_id, dtype=np.int64)
         out[:len(tokens)] = tokens
         return out, (np.arange(length) < len(tokens)).astype(np.int64)
+
+
+class T5Dataset(SpanCorruption):
+    """Span-corrupted samples of fixed encoder/decoder length from packed chunks of a shard.
+
+    Args:
+        indexed, documents, num_samples, seed, cache_dir, add_eod: as for :class:`~pretrain.data.gpt_dataset.GPTDataset`
+            (the raw chunks are packed the same way, without the extra token).
+        encoder_len: encoder input length (512 in T5); the target length follows (114 for 512).
+        decoder_len: pad targets to this length (loss-masked) for a rounder shape; at least the target length.
+        sentinel_ids: ids of ``<extra_id_0>, <extra_id_1>, ...`` in that order (T5's vocabulary has them
+            at the top ids counting down: ``[vocab_size - 1, vocab_size - 2, ...]``).
+        eos_id: appended to inputs and targets. pad_id: pads the encoder input, and starts the decoder.
+    """
+
+    def __init__(self, indexed: IndexedDataset, documents: np.ndarray, num_samples: int | None, encoder_len: int,
+                 seed: int, *, sentinel_ids: Sequence[int], eos_id: int, pad_id: int, noise_density: float = 0.15,
+                 mean_noise_span_length: float = 3.0, decoder_len: int | None = None, add_eod: bool = False,
+                 cache_dir: str | Path | None = None):
+        super().__init__(encoder_len, seed, sentinel_ids=sentinel_ids, eos_id=eos_id, pad_id=pad_id,
+                         noise_density=noise_density, mean_noise_span_length=mean_noise_span_length,
+                         decoder_len=decoder_len)
+        self.chunks = GPTDataset(indexed, documents, num_samples, self.raw_len, seed, eos_id, add_eod=add_eod,
+                                 extra_token=0, cache_dir=cache_dir)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return self(self.chunks.window(i)[0], i)

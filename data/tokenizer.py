@@ -27,6 +27,7 @@ META_FILE = "tokenizer_meta.json"
 HF_FILE = "tokenizer.json"
 NUM_SENTINELS = 100
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+MASK_TOKEN = "<mask>"  # added by train_sentencepiece(mask_token=True), found by pretrain.data.mlm_dataset
 
 
 def sentinel_token(i: int) -> str:
@@ -230,12 +231,14 @@ def load_tokenizer(path: str | Path, num_threads: int = -1) -> Tokenizer:
 
 
 def train_sentencepiece(sentences: Iterable[str], output_dir: str | Path, vocab_size: int,
-                        model_type: str = "bpe", t5_sentinels: bool = False, num_threads: int | None = None,
+                        model_type: str = "bpe", t5_sentinels: bool = False, mask_token: bool = False,
+                        num_threads: int | None = None,
                         max_sentences: int = 2_000_000, verbose: bool = True, inputs: list[str] | None = None
                         ) -> SentencePieceTokenizer:
     """Train a byte-fallback sentencepiece model; writes ``tokenizer.model`` and ``tokenizer_meta.json``.
 
-    Ids 0-3 are unk, bos, eos (= eod) and pad; with ``t5_sentinels`` ids 4-103 are ``<extra_id_0..99>``.
+    Ids 0-3 are unk, bos, eos (= eod) and pad; with ``t5_sentinels`` ids 4-103 are ``<extra_id_0..99>``; with
+    ``mask_token`` the next id is ``<mask>`` (masked language modelling: bos/eos frame samples as RoBERTa's <s>/</s>).
     Text is not normalized (whitespace and newlines survive a round trip; unseen characters become bytes),
     and digits are split, as in Llama's tokenizer.
     ``sentences`` are the training lines; at most ``max_sentences`` of them are sampled (sentencepiece
@@ -254,7 +257,8 @@ def train_sentencepiece(sentences: Iterable[str], output_dir: str | Path, vocab_
         remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
         unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
         unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>",
-        user_defined_symbols=[sentinel_token(i) for i in range(NUM_SENTINELS)] if t5_sentinels else [],
+        user_defined_symbols=([sentinel_token(i) for i in range(NUM_SENTINELS)] if t5_sentinels else [])
+        + ([MASK_TOKEN] if mask_token else []),
         input_sentence_size=max_sentences, shuffle_input_sentence=True, max_sentence_length=16384,
         num_threads=num_threads or os.cpu_count() or 1, hard_vocab_limit=False, minloglevel=0 if verbose else 2)
     _atomic_write(out / SP_MODEL, model.getvalue())

@@ -5,7 +5,8 @@
 
 Under ``torchrun`` every rank scores its share of the requests (gloo on CPU, nccl on GPU); rank 0 writes.
 ``--tp``/``--pp`` split a checkpoint's model over ranks instead of loading it whole on each
-(:mod:`pretrain.evals.parallel_model`); the world size must be a multiple of tp x pp.
+(:mod:`pretrain.evals.parallel_model`); the world size must be a multiple of tp x pp. Encoder (masked LM)
+checkpoints take the tasks of :mod:`pretrain.evals.mlm` (masked-token accuracy, pseudo-log-likelihood).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pretrain.devices import backend_for, cuda_device
 from pretrain.evals.harness import evaluate_tasks
 from pretrain.evals.metrics import markdown_table, write_results
 from pretrain.evals.loading import load_model
+from pretrain.evals import mlm
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     shots = [int(k) for k in args.num_fewshot.split(",")]
     if any(k < 0 for k in shots):
         raise SystemExit(f"--num-fewshot: counts must be >= 0, got {args.num_fewshot}")
+    if args.checkpoint and mlm.is_encoder_checkpoint(args.checkpoint):
+        return mlm.run(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if min(args.tp, args.pp) < 1 or world % (args.tp * args.pp):
         raise SystemExit(f"--tp {args.tp} x --pp {args.pp} must divide the number of processes ({world})")

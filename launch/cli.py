@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--requeue-limit", type=int, default=3, help="requeue after preemption at most K times")
     s.add_argument("--signal-seconds", type=int, default=300,
                    help="seconds before the time limit at which to checkpoint and requeue (default 300)")
+    s.add_argument("--exit-before-time", type=float, metavar="MINUTES",
+                   help="train: save, exit 75 and requeue MINUTES before --time (sets train.exit_after_minutes)")
     s.add_argument("--task-per-rank", action="store_true", help="one srun task per rank instead of torchrun per node")
     s.add_argument("--array", type=int, help="N array tasks for `prepare`, each on a disjoint share of the inputs")
     s.add_argument("--python", default=sys.executable, help="Python on the compute nodes (default: this one)")
@@ -46,6 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--no-check", action="store_true", help="skip the config/layout/data checks")
     s.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     s.add_argument("command", nargs=argparse.REMAINDER, help="-- train CONFIG [overrides] | -- prepare ...")
+    for parser in (loc, s):  # the planner's memory check of a train command (pretrain.plan.guard)
+        parser.add_argument("--gpu", help="GPU for the memory check, as in `pretrain plan --gpu` (local default: the "
+                                          "visible GPU)")
+        parser.add_argument("--strict", action="store_true",
+                            help="refuse to launch when the predicted peak memory per GPU exceeds the device")
 
     for name, text in (("status", "job state of a run"), ("logs", "print the newest log of a run"),
                        ("cancel", "scancel the run's job"), ("wait", "wait until the run's job has finished")):
@@ -73,8 +80,18 @@ def _job(args: argparse.Namespace) -> slurm.SlurmJob:
         request_gpus=not args.no_gres, job_name=name, partition=args.partition, time=args.time,
         account=args.account, qos=args.qos, constraint=args.constraint, exclusive=args.exclusive, mem=args.mem,
         cpus_per_task=args.cpus_per_task, requeue_limit=args.requeue_limit, signal_seconds=args.signal_seconds,
+        exit_before_time=args.exit_before_time,
         task_per_rank=args.task_per_rank, array=args.array, python=args.python, workdir=args.workdir.absolute(),
         check=not args.no_check)
+
+
+def _memory_check(cfg, world_size: int, per_node: int, args: argparse.Namespace) -> None:
+    if cfg is not None:  # a train command
+        from pretrain.plan.guard import check_fits
+
+        line = check_fits(cfg, world_size, per_node, args.gpu, args.strict)
+        if line:
+            print(line, file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,13 +100,19 @@ def run(args: argparse.Namespace) -> int:
             from pretrain.launch.local import LocalJob, run_local
             from pretrain.preflight import check_command
 
-            check_command(_command(args), args.nproc)  # once, before any rank starts: one message, exit 2
+            cfg = check_command(_command(args), args.nproc)  # once, before any rank starts: one message, exit 2
+            _memory_check(cfg, args.nproc, args.nproc, args)
             if args.dry_run:
                 print(f"{args.nproc} rank(s): {' '.join(LocalJob(args.nproc, _command(args)).cmd)}")
                 return 0
             return run_local(args.nproc, _command(args))
         if args.mode == "slurm":
             job = _job(args)
+            if args.gpu and not args.no_check:
+                from pretrain.preflight import check_command
+
+                cfg = check_command(job.command, job.world_size, root=job.workdir, data=False)
+                _memory_check(cfg, job.world_size, args.gpus_per_node, args)
             if args.dry_run:
                 sys.stdout.write(slurm.prepare_job(job))
                 return 0

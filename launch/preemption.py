@@ -166,13 +166,16 @@ class Watchdog:
 
     The trainer calls :meth:`beat` before each phase (``"forward/backward"``, ``"all_reduce grads"``,
     ``"checkpoint save"``); if no beat arrives for ``timeout_s`` the watchdog prints which rank, host, phase
-    and last step, dumps every thread's Python stack (faulthandler) and exits with :data:`HUNG_EXIT_CODE`.
+    and last step, dumps every thread's Python stack (faulthandler; also into ``dump_dir/hang_rankNNNNN.txt`` when
+    given: every rank's watchdog fires in a hang, so the run directory gets one file per rank) and exits with
+    :data:`HUNG_EXIT_CODE`.
     Under Slurm with ``--kill-on-bad-exit`` that ends the whole job.
     """
 
-    def __init__(self, timeout_s: float, exit_code: int = HUNG_EXIT_CODE):
+    def __init__(self, timeout_s: float, exit_code: int = HUNG_EXIT_CODE, dump_dir: str | None = None):
         self.timeout_s = timeout_s
         self.exit_code = exit_code
+        self.dump_dir = dump_dir  # each rank also writes its message and stacks to DUMP_DIR/hang_rankNNNNN.txt
         self.step: int | None = None
         self.phase = "start-up"
         self._last = time.monotonic()
@@ -204,7 +207,21 @@ class Watchdog:
                      f"stuck rank is the one whose stack is elsewhere or whose last step is lower.")
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 sys.stderr.flush()
+                if self.dump_dir:  # the run directory keeps every rank's stacks, whatever the job log keeps
+                    self._dump(os.path.join(self.dump_dir, f"hang_rank{denv.rank:05d}.txt"),
+                               f"rank {denv.rank} on {denv.node_name}: no progress for {idle:.0f} s in "
+                               f"'{self.phase}'; last step: {self.step}\n")
                 os._exit(self.exit_code)
+
+    @staticmethod
+    def _dump(path: str, message: str) -> None:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(message)
+                faulthandler.dump_traceback(file=f, all_threads=True)
+        except OSError as e:  # exit with the hang's code regardless
+            _log(f"WATCHDOG: could not write {path}: {e}")
 
 
 def main(argv: list[str]) -> int:

@@ -50,6 +50,7 @@ class SlurmJob:
     cpus_per_task: int | None = None  # per srun task (per node with torchrun); None: --exclusive, all the CPUs
     requeue_limit: int = 3
     signal_seconds: int = 300
+    exit_before_time: float | None = None  # minutes: train.exit_after_minutes = --time minus this (pretrain/exits.py)
     task_per_rank: bool = False
     array: int | None = None
     python: str = sys.executable
@@ -121,9 +122,10 @@ srun_pid=$!
 wait $srun_pid; rc=$?
 while kill -0 $srun_pid 2>/dev/null; do wait $srun_pid; rc=$?; done  # a trapped signal interrupts wait
 
-if [ $preempted = 1 ] && [ $rc != 0 ]; then
-  # the trainer exits 75 after its checkpoint (torchrun reports that as a failure: expected here)
-  echo "[pretrain] $(date +%T) stopped at the time-limit warning; requeueing to resume from the checkpoint"
+if {{ [ $preempted = 1 ] || [ -e "$PRETRAIN_STOP_FILE" ]; }} && [ $rc != 0 ]; then
+  # the trainer exits 75 after its checkpoint (torchrun reports that as a failure: expected here); it makes the
+  # stop file itself when it stops for train.exit_at_step / train.exit_after_minutes
+  echo "[pretrain] $(date +%T) stopped on request; requeueing to resume from the checkpoint"
   "$PYTHON" -m pretrain.launch.preemption requeue && exit 0   # at most PRETRAIN_REQUEUE_LIMIT times
 fi
 echo "[pretrain] $(date +%T) job $SLURM_JOB_ID finished with exit code $rc"
@@ -221,10 +223,25 @@ def check_train_command(job: SlurmJob) -> None:
         print("warning: checkpoint.dir is not set: a preempted or failed job cannot resume", file=sys.stderr)
 
 
+def exit_after_minutes(job: SlurmJob) -> float:
+    """``train.exit_after_minutes`` for ``--exit-before-time M``: the ``--time`` limit minus M minutes."""
+    from pretrain.exits import slurm_minutes
+
+    if job.command[:1] != ["train"] or not job.time:
+        raise LaunchError("--exit-before-time needs --time and a train command (it sets train.exit_after_minutes)")
+    minutes = slurm_minutes(job.time) - job.exit_before_time
+    if job.exit_before_time <= 0 or minutes <= 0:
+        raise LaunchError(f"--exit-before-time {job.exit_before_time:g} must be > 0 and less than --time {job.time} "
+                          f"({slurm_minutes(job.time):g} minutes)")
+    return round(minutes, 2)
+
+
 def prepare_job(job: SlurmJob) -> str:
     """Validate, then return the script; ``train`` jobs get ``--resume auto`` so requeued runs continue."""
     if job.command[:1] == ["train"] and "--resume" not in job.command:
         job.command = [*job.command, "--resume", "auto"]
+    if job.exit_before_time is not None:
+        job.command = [*job.command, f"train.exit_after_minutes={exit_after_minutes(job)}"]
     if job.check and not job.array:
         check_train_command(job)
     return render_script(job)

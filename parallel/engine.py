@@ -68,7 +68,7 @@ class DeepSpeedEngine(Engine):
 
             register_sequence_parallel_grad_hooks(model, mesh.group("tp"))
         t = cfg.train
-        self.grad_accum = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        self.grad_accum = t.global_batch_size // (t.micro_batch_size * mesh.layout.replicas)  # cp ranks share
         optimizer = build_optimizer(model, cfg.optimizer)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, mpu=DeepSpeedMPU(mesh),

@@ -7,7 +7,9 @@ Rank order is Megatron's and DeepSpeed's (tensor fastest, then data, then pipeli
 so the ``tp`` ranks of one tensor group sit on one node. Expert parallelism splits the data dimension, as in
 Megatron and DeepSpeed-MoE: ``dp = ep * expert_dp``; consecutive data ranks form an expert group (they hold
 different experts and exchange tokens), and ranks with the same expert index form the expert-data-parallel
-group (over which expert gradients are averaged).
+group (over which expert gradients are averaged). Context parallelism splits it the same way (Megatron's
+tp-cp-dp order): ``dp = cp * replicas``; consecutive data ranks form a context group that shares each sample's
+tokens, and gradients are reduced over the whole data group, context ranks included.
 
 Groups are plain ``torch.distributed`` groups, so the same code runs on gloo (CPU) and NCCL (GPU). Each rank
 creates only the groups it belongs to (:func:`group_plan`), with ``use_local_synchronization`` (a barrier among
@@ -37,24 +39,32 @@ class Layout:
     pp: int = 1
     dp: int = 1
     ep: int = 1
+    cp: int = 1  # context parallelism: consecutive data ranks split each sequence (parallel/context.py)
 
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
 
     @property
+    def replicas(self) -> int:
+        """Data ranks that read different samples: ``dp / cp`` (``cp`` ranks share each sample's tokens)."""
+        return self.dp // self.cp
+
+    @property
     def expert_dp(self) -> int:
         return self.dp // self.ep
 
     @classmethod
-    def from_world(cls, world_size: int, tp: int = 1, pp: int = 1, ep: int = 1) -> Layout:
+    def from_world(cls, world_size: int, tp: int = 1, pp: int = 1, ep: int = 1, cp: int = 1) -> Layout:
         if world_size % (tp * pp):
             raise ValueError(f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}")
         dp = world_size // (tp * pp)
         if dp % ep:
             raise ValueError(f"expert parallel size {ep} must divide the data-parallel size {dp} "
                              f"(world {world_size} / tp {tp} / pp {pp})")
-        return cls(tp=tp, pp=pp, dp=dp, ep=ep)
+        if dp % cp:
+            raise ValueError(f"context parallel size {cp} must divide the data-parallel size {dp}")
+        return cls(tp=tp, pp=pp, dp=dp, ep=ep, cp=cp)
 
     def coords(self, rank: int) -> tuple[int, int, int]:
         """``(pp_rank, dp_rank, tp_rank)`` of a global rank."""
@@ -75,6 +85,7 @@ class Layout:
         }
         out["ep"] = [g[i * self.ep:(i + 1) * self.ep] for g in out["dp"] for i in r(self.expert_dp)]
         out["edp"] = [g[i::self.ep] for g in out["dp"] for i in r(self.ep)]
+        out["cp"] = [g[i * self.cp:(i + 1) * self.cp] for g in out["dp"] for i in r(self.replicas)]
         return out
 
 
@@ -98,6 +109,7 @@ class Mesh:
         self.pp_rank, self.dp_rank, self.tp_rank = layout.coords(self.rank)
         self.ep_rank = self.dp_rank % layout.ep
         self.edp_rank = self.dp_rank // layout.ep
+        self.cp_rank, self.replica_rank = self.dp_rank % layout.cp, self.dp_rank // layout.cp
         self.ranks = {kind: ranks for kind, ranks in group_plan(layout, self.rank).items()}
         self._groups: dict[str, ProcessGroup] = {}
         made: dict[tuple[int, ...], ProcessGroup] = {}
@@ -108,7 +120,7 @@ class Mesh:
             self._groups[kind] = made[key]
 
     def group(self, kind: str) -> ProcessGroup:
-        """``kind``: tp, dp, pp, mp (tensor x pipeline), ep (expert), edp (expert data parallel)."""
+        """``kind``: tp, dp, pp, mp (tensor x pipeline), ep (expert), edp (expert data parallel), cp (context)."""
         return self._groups[kind]
 
     @property

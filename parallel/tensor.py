@@ -290,6 +290,11 @@ class TensorParallelLayers(LayerFactory):
             p.sequence_parallel = self.sp
         return norm
 
+    def head_norm(self, dim, eps):
+        norm = super().head_norm(dim, eps)
+        norm.weight.sequence_parallel = self.tp_size > 1  # this rank's heads only: partial grads
+        return norm
+
     def cross_entropy(self, logits, labels):
         return _VocabParallelCrossEntropy.apply(logits, labels, self.group)
 

@@ -27,6 +27,10 @@ def validate(cfg: Config) -> None:
             n = getattr(cfg.data, key.split(".")[1])
             need(n % p.tp == 0, f"parallel.sp with tp={p.tp} needs {key} ({n}) divisible by tp")
     need(p.vpp == 1 or p.pp > 1, f"parallel.vpp={p.vpp} (virtual stages) needs parallel.pp > 1")
+    if p.cp > 1:
+        from pretrain.parallel.context import validate_context_parallel  # the checks live with the feature
+
+        validate_context_parallel(cfg)
     if p.pp > 1:
         layers = spec.pipeline_blocks(cfg.model)
         need(layers >= p.pp * p.vpp, f"parallel.pp={p.pp} x vpp={p.vpp} stages need at least that many layers; "
@@ -80,6 +84,10 @@ def validate_layout(cfg: Config, world_size: int) -> None:
     if dp % p.ep:
         raise ConfigError(f"parallel.ep={p.ep} must divide the data-parallel size {dp} (= {world_size} "
                           f"processes / tp {p.tp} / pp {p.pp}): experts are sharded inside the data dimension")
+    if dp % p.cp:
+        raise ConfigError(f"parallel.cp={p.cp} must divide the data-parallel size {dp} (= {world_size} processes / "
+                          f"tp {p.tp} / pp {p.pp}): start a multiple of {model_parallel * p.cp} processes")
+    dp //= p.cp  # data replicas: the context-parallel ranks of one replica read the same samples
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
                           f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")

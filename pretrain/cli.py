@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("pretrain.hf.importer", "import a Hugging Face model as a checkpoint"),
     "eval": ("pretrain.evals.cli", "zero/few-shot evaluation of a checkpoint or HF model"),
     "launch": ("pretrain.launch.cli", "launch training locally (torchrun) or on Slurm"),
+    "plan": ("pretrain.plan.cli", "predict per-GPU memory and step time of parallel layouts, ranked"),
 }
 
 

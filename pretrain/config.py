@@ -44,11 +44,20 @@ class DataConfig:
     decoder_seq_length: int = 128  # T5 only: decoder length (targets padded to it)
     noise_density: float = 0.15  # T5 span corruption: share of tokens masked, in (0, 1)
     mean_span_length: float = 3.0  # T5 span corruption: mean masked span length in tokens, >= 1
+    mask_rate: float = 0.15  # masked LM (encoder family): share of tokens predicted, in (0, 1); 80/10/10 rule
+    mask_token: str | None = None  # masked LM: the mask token's spelling; None = [MASK] or <mask>
+    whole_word_mask: bool = False  # masked LM: choose whole words (all their tokens) instead of single tokens
+    sentence_pairs: str = "none"  # masked LM: none | nsp (BERT next-sentence pairs) | sop (ALBERT sentence order)
     eod_mask_loss: bool = False  # no loss on end-of-document tokens
     document_mask: bool = False  # pass document ids so attention stays within each document
     seed: int = 1234  # shuffling of documents and samples
     num_workers: int = 0  # DataLoader worker processes (0 = read in the training process)
     cache_dir: str | None = None  # where sample indexes are cached; None = next to the shards
+    text_key: str = "text"  # raw data.train sources: the JSON key / column holding each document's text
+    strict: bool = False  # raw sources: stop at the first bad record (bad JSON, missing key, ...), not count it
+    stream_lanes: int = 8  # raw sources: packing lanes; a multiple of the data-parallel size dividing the batch size
+    stream_shuffle: bool = True  # raw sources: shuffle units and their records every epoch (False: file order)
+    stream_chunk_mb: float = 64.0  # raw sources: MB of uncompressed JSON Lines per shuffled unit
 
     def validate(self) -> None:
         need(self.seq_length >= 1, f"data.seq_length must be >= 1, got {self.seq_length}")
@@ -57,7 +66,14 @@ class DataConfig:
                                          f"{self.noise_density}; T5 uses 0.15")
         need(self.mean_span_length >= 1, f"data.mean_span_length must be >= 1 (tokens per masked span), got "
                                          f"{self.mean_span_length}; T5 uses 3")
+        need(0 < self.mask_rate < 1, f"data.mask_rate must be in (0, 1) (the share of tokens the masked LM "
+                                     f"predicts), got {self.mask_rate}; BERT uses 0.15")
+        need(self.sentence_pairs in ("none", "nsp", "sop"), f"data.sentence_pairs must be none, nsp or sop, got "
+                                                            f"{self.sentence_pairs!r}")
         need(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        need(self.stream_lanes >= 1, f"data.stream_lanes must be >= 1, got {self.stream_lanes}; use a multiple of "
+                                     f"the data-parallel size that divides train.global_batch_size")
+        need(self.stream_chunk_mb > 0, f"data.stream_chunk_mb must be > 0, got {self.stream_chunk_mb}")
 
 
 @dataclass
@@ -138,6 +154,20 @@ class TrainConfig:
     # end the process with a diagnostic (rank, phase, stacks; exit 124) when a step, validation or checkpoint save
     # makes no progress for this long, e.g. a hung collective; 0 = off. $PRETRAIN_WATCHDOG_TIMEOUT overrides.
     watchdog_timeout: float = 1800.0
+    exit_at_step: int | None = None  # save a checkpoint and exit 75 (requeue, then --resume auto) after this step
+    # save and exit 75 once this many minutes have passed since the process started (before a job's time limit)
+    exit_after_minutes: float | None = None
+    # on a non-finite step or a loss / grad-norm spike (pretrain/spikes.py): skip | rollback (to the last checkpoint,
+    # skipping the data from there to the bad step) | stop (exit 3, nothing saved)
+    spike_action: str = "skip"
+    spike_zscore: float = 0.0  # a loss this many std above the mean of the last spike_window losses is a spike; 0 = off
+    spike_grad_factor: float = 0.0  # a grad norm above this factor x the window's median is a spike; 0 = off
+    spike_window: int = 50  # accepted steps the spike statistics look back over
+    spike_max_rollbacks: int = 3  # rollbacks in one run before stopping instead
+    # every N steps gather each rank's time in data wait / forward / backward / optimizer / the rest, and name a rank
+    # slower than the median of the others by straggler_factor (log + metrics; pretrain/stragglers.py); 0 = off
+    straggler_interval: int = 0
+    straggler_factor: float = 2.0  # how much slower than the other ranks' median a section must be to be named
 
     def validate(self) -> None:
         need(self.steps > 0, f"train.steps must be > 0, got {self.steps}")
@@ -150,6 +180,16 @@ class TrainConfig:
         need(self.max_nonfinite >= 1, "train.max_nonfinite must be >= 1")
         need(self.watchdog_timeout >= 0,
              f"train.watchdog_timeout must be >= 0 (0 = off), got {self.watchdog_timeout}")
+        need(self.exit_at_step is None or self.exit_at_step > 0,
+             f"train.exit_at_step must be > 0 or null (off), got {self.exit_at_step}")
+        need(self.exit_after_minutes is None or self.exit_after_minutes > 0,
+             f"train.exit_after_minutes must be > 0 or null (off), got {self.exit_after_minutes}")
+        need(self.straggler_interval >= 0 and self.straggler_factor > 1, "train.straggler_interval must be >= 0 "
+             f"(0 = off) and train.straggler_factor > 1, got {self.straggler_interval} and {self.straggler_factor}")
+        from pretrain.spikes import validate as spike_checks
+
+        for ok, message in spike_checks(self):
+            need(ok, message)
         need(self.eval_interval >= 0 and self.eval_steps >= 1, "train.eval_interval must be >= 0 and "
              "train.eval_steps >= 1")
         if self.eval_tasks:
@@ -169,10 +209,19 @@ class CheckpointConfig:
     interval: int = 0  # save every N steps (0 = only at the end)
     keep_last: int = 3  # checkpoints kept in `dir` (older ones are deleted)
     save_final: bool = True  # save at the last step
+    # interval saves: copy the state to host memory at the step boundary, write it in a background thread while
+    # training goes on (one write in flight; the final save and saves on a stop stay synchronous)
+    async_save: bool = False
+    # after each save a side process exports it to HF, checks our logits against transformers and scores
+    # eval_on_save_tasks; results land in the metrics tagged with the checkpoint's step (pretrain/eval_on_save.py)
+    eval_on_save: bool = False
+    eval_on_save_tasks: list = field(default_factory=list)  # task names or YAML paths (as train.eval_tasks)
 
     def validate(self) -> None:
         need(self.interval >= 0 and self.keep_last >= 1,
              "checkpoint.interval must be >= 0 and checkpoint.keep_last >= 1")
+        need(not self.eval_on_save or self.keep_last >= 2, "checkpoint.eval_on_save reads a checkpoint while "
+             f"training goes on: set checkpoint.keep_last >= 2 (got {self.keep_last}) so it is not pruned meanwhile")
 
 
 @dataclass
@@ -197,13 +246,17 @@ class ParallelConfig:
     vpp: int = 1  # virtual stages per pipeline rank (interleaved 1F1B)
     ep: int = 1  # expert-parallel size (Switch models), inside the data-parallel dimension
     sp: bool = False  # sequence parallelism over the tensor-parallel ranks (needs tp > 1)
+    cp: int = 1  # context parallelism: each sequence split over cp ranks (load-balanced causal chunks; GPT)
+    cp_comm: str = "all_gather"  # context-parallel attention: all_gather (K/V per layer) | ring (K/V rank to rank)
     zero: int = 0  # DeepSpeed ZeRO stage 0..3 over the data-parallel ranks
     offload_optimizer: bool = False  # ZeRO >= 1: optimizer state in CPU memory
     offload_params: bool = False  # ZeRO-3: parameters in CPU memory
 
     def validate(self) -> None:
-        for k in ("tp", "pp", "vpp", "ep"):
+        for k in ("tp", "pp", "vpp", "ep", "cp"):
             need(getattr(self, k) >= 1, f"parallel.{k} must be >= 1, got {getattr(self, k)}")
+        need(self.cp_comm in ("all_gather", "ring"), f"parallel.cp_comm must be all_gather or ring, got "
+                                                     f"{self.cp_comm!r}")
         need(self.zero in (0, 1, 2, 3), f"parallel.zero must be 0..3, got {self.zero}")
 
 
@@ -248,8 +301,19 @@ class Config:
             need(s.rampup_start % t.micro_batch_size == 0 and s.rampup_increment % t.micro_batch_size == 0,
                  "schedule.rampup_start and rampup_increment must be multiples of train.micro_batch_size")
         max_len = getattr(self.model, "max_seq_len", None)  # GPT: positions/RoPE tables end there
+        max_len = getattr(self.model, "max_tokens", max_len)  # encoder: RoBERTa's positions start past the pad id
         need(max_len is None or self.data.seq_length <= max_len,
              f"data.seq_length={self.data.seq_length} exceeds model.max_seq_len={max_len}; raise model.max_seq_len")
+        sparse = getattr(self.model, "sparse", None)  # a sparse attention pattern (pretrain.models.patterns)
+        problem = None if sparse is None else sparse.length_problem(self.data.seq_length)
+        need(problem is None, str(problem))
+        need(sparse is None or not sparse.enabled or getattr(self.parallel, "cp", 1) == 1,
+             "model.sparse.pattern with parallel.cp > 1: sparse patterns do not split over context-parallel ranks "
+             "yet; use parallel.cp=1 or model.sparse.pattern=dense")
+        scaling = getattr(self.model, "rope_scaling", None)  # dynamic NTK reads the longest position of the forward
+        need(scaling is None or not scaling.dynamic or getattr(self.parallel, "cp", 1) == 1,
+             "model.rope_scaling.type=dynamic with parallel.cp > 1: each rank holds other positions; use "
+             "linear, yarn or llama3 scaling (fixed frequencies) for context-parallel training")
         need(not self.train.eval_tasks or bool(self.data.tokenizer),
              "train.eval_tasks needs data.tokenizer (the tasks' text is encoded with it)")
 
@@ -278,7 +342,7 @@ def from_dict(raw: dict, source: str = "<config>") -> Config:
 def is_parallel(cfg: Config) -> bool:
     """True when the layout needs ``parallel``'s engine (anything beyond plain data parallelism)."""
     p = cfg.parallel
-    return max(p.tp, p.pp, p.ep) > 1 or p.sp or p.zero > 0 or p.offload_optimizer or p.offload_params
+    return max(p.tp, p.pp, p.ep, p.cp) > 1 or p.sp or p.zero > 0 or p.offload_optimizer or p.offload_params
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

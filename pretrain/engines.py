@@ -6,6 +6,7 @@ It sits above every engine it picks (they import the interface :mod:`pretrain.en
 * ``pp > 1`` -> :class:`~pretrain.parallel.pipeline.PipelineEngine`;
 * else ``ep > 1`` -> :class:`~pretrain.parallel.data.DataParallelEngine` (experts sharded first);
 * else (tensor/sequence parallelism, ZeRO) -> :class:`~pretrain.parallel.engine.DeepSpeedEngine`.
+* ``cp > 1``: that engine inside :class:`~pretrain.parallel.context_engine.ContextParallelEngine`.
 
 The parallel engines are imported only when a layout needs them (DeepSpeed and megatron-core are slow
 imports). Device, backend and matmul precision come from :mod:`pretrain.devices`.
@@ -41,16 +42,23 @@ def build_engine(cfg: Config, parallel: bool | None = None) -> Engine:
 
     join_process_group(device)
     p = cfg.parallel
-    layout = Layout.from_world(dist.get_world_size(), tp=p.tp, pp=p.pp, ep=p.ep)
+    layout = Layout.from_world(dist.get_world_size(), tp=p.tp, pp=p.pp, ep=p.ep, cp=p.cp)
     validate_layout(cfg, layout.world_size)
     mesh = Mesh(layout)
     torch.manual_seed(cfg.train.seed)  # the same full draw on every rank; each keeps its shard
     fused_loss = p.zero < 3 and not cfg.train.compile  # ZeRO-3 gathers the head's weight inside its forward only
-    model = build_model(cfg.family, cfg.model, layer_factory(mesh, p.sp, fused_loss)).to(device)
+    factory = layer_factory(mesh, p.sp, fused_loss)
+    if p.cp > 1:  # each sequence split over a context group: pretrain.parallel.context
+        from pretrain.parallel.context import ContextParallel
+
+        factory.cp = ContextParallel(mesh.group("cp"), p.cp_comm)
+    model = build_model(cfg.family, cfg.model, factory).to(device)
     if p.ep > 1:  # expert gradients need their own reduction group: our data-parallel step, not DeepSpeed's
         shard_experts(model, mesh.group("ep"))
-    if p.pp > 1:
-        return PipelineEngine(cfg, model, mesh, device)
-    if p.ep > 1:
-        return DataParallelEngine(cfg, model, mesh, device)
-    return DeepSpeedEngine(cfg, model, mesh, device)
+    engine = (PipelineEngine if p.pp > 1 else DataParallelEngine if p.ep > 1 else DeepSpeedEngine)(
+        cfg, model, mesh, device)
+    if p.cp > 1:
+        from pretrain.parallel.context_engine import ContextParallelEngine
+
+        return ContextParallelEngine(engine, factory.cp)
+    return engine

@@ -67,6 +67,9 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(f"train/{key}", value, record["step"])
+                elif isinstance(value, list):  # per-expert numbers (MoE telemetry): one curve each
+                    for i, v in enumerate(value):
+                        self.writer.add_scalar(f"train/{key}/{i}", v, record["step"])
 
     def close(self) -> None:
         if self.file is not None:

@@ -1,4 +1,6 @@
-"""``pretrain plot RUN_DIR [--out PNG]``: loss, validation loss, LR and throughput curves of a run."""
+"""``pretrain plot RUN_DIR [--out PNG]``: loss, validation loss, LR and throughput curves of a run; for an MoE
+run also ``expert_load.png``, a heatmap per MoE layer of each expert's load (selections / mean) over the steps
+(the ``moe/<layer>/load`` telemetry of :mod:`pretrain.moe_balance`)."""
 
 from __future__ import annotations
 
@@ -46,11 +48,48 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+def expert_load_matrix(records: list[dict]) -> tuple[list[int], dict[str, list[list[float]]]]:
+    """(logged steps, per MoE layer one row per step of each expert's load divided by the mean load)."""
+    rows = [r for r in records if any(k.startswith("moe/") and k.endswith("/load") for k in r)]
+    layers: dict[str, list[list[float]]] = {}
+    for r in rows:
+        for key, load in r.items():
+            if key.startswith("moe/") and key.endswith("/load"):
+                mean = max(sum(load) / len(load), 1e-9)
+                layers.setdefault(key[len("moe/"):-len("/load")], []).append([v / mean for v in load])
+    return [r["step"] for r in rows], layers
+
+
+def plot_expert_load(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
+    """Draw the expert-load heatmaps of ``run_dir`` (None when the run logged no expert load)."""
+    steps, layers = expert_load_matrix(read_metrics(run_dir))
+    if not layers:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(layers), 1, figsize=(8, 2.5 * len(layers) + 1), squeeze=False)
+    for ax, (name, matrix) in zip(axes[:, 0], layers.items()):
+        image = ax.imshow(list(map(list, zip(*matrix))), aspect="auto", cmap="viridis", interpolation="nearest",
+                          extent=(steps[0] - 0.5, steps[-1] + 0.5, len(matrix[0]) - 0.5, -0.5))
+        ax.set_ylabel(f"{name}\nexpert")
+        fig.colorbar(image, ax=ax, label="load / mean")
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "expert_load.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         out = plot_run(args.run_dir, args.out)
+        heatmap = plot_expert_load(args.run_dir)
     except (FileNotFoundError, ValueError) as e:
         print(f"pretrain plot: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out}")
+    print(f"wrote {out}" + (f" and {heatmap}" if heatmap else ""))
     return 0

@@ -58,3 +58,4 @@ class StepBatches:
         if self._thread is not None:
             self._done.set()
             self._thread.join(timeout=10)
+        getattr(self._loader, "close", lambda: None)()  # a raw-text stream's workers and bad-input report

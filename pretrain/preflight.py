@@ -18,6 +18,7 @@ raises :class:`~pretrain.configlib.ConfigError` naming the key or file and the f
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 from pretrain.config import Config, load_config
@@ -72,6 +73,7 @@ def _path(base: Path, name: str) -> Path:
 
 def _check_data(cfg: Config, base: Path) -> None:
     from pretrain.data.loader import parse_blend
+    from pretrain.data.raw_source import is_raw_source
 
     d = cfg.data
     need(bool(d.train), "data.train is empty: give the shard prefixes written by `pretrain prepare`, e.g. "
@@ -82,6 +84,14 @@ def _check_data(cfg: Config, base: Path) -> None:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         for prefix in prefixes:
+            if is_raw_source(prefix):  # raw text, tokenized while training: it must exist (URLs are not checked)
+                need("://" in prefix or bool(glob.glob(str(_path(base, prefix)))),
+                     f"data.{key}: raw source {prefix!r} matches no file; fix the path or glob in data.{key}")
+                need(cfg.train.global_batch_size % d.stream_lanes == 0,
+                     f"data.stream_lanes={d.stream_lanes} does not divide train.global_batch_size="
+                     f"{cfg.train.global_batch_size} (raw sources give each lane an equal slot of every batch); "
+                     f"set data.stream_lanes to a divisor that is a multiple of the data-parallel size")
+                continue
             files = [_path(base, prefix + ext) for ext in (".bin", ".idx")]
             missing = [str(f) for f in files if not f.is_file()]
             need(not missing, f"data.{key}: shard {prefix!r}: {', '.join(missing)} not found; write it with "

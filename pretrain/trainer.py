@@ -21,12 +21,18 @@ from pretrain.data.loader import build_dataloader, collate
 from pretrain.data.sampler import DataParallelSampler
 from pretrain.launch.preemption import PREEMPTED_EXIT_CODE, Watchdog
 from pretrain import checkpoint as ckpt
+from pretrain.async_save import CheckpointWriter
+from pretrain.eval_on_save import SideEvals
+from pretrain.exits import PlannedExit
+from pretrain.spikes import SpikeGuard
+from pretrain.stragglers import SectionTimer
 from pretrain import reshard
 from pretrain import run_lock
 from pretrain.config import Config, ConfigError
 from pretrain.engine import Engine
 from pretrain.engines import build_engine
 from pretrain.metrics import MetricsLogger, peak_flops
+from pretrain.moe_balance import ExpertBalance
 from pretrain.parallel.mesh import SlowBarrier
 from pretrain.models.registry import family_spec
 from pretrain.prefetch import StepBatches
@@ -67,14 +73,23 @@ class Trainer:
         self.engine = engine or build_engine(cfg)
         if cfg.train.compile:
             self.engine.model.compile()  # in place: state-dict keys stay those of the eager model
+        self.balance = ExpertBalance(self.engine)  # MoE: selection-bias updates and expert telemetry per step
         self.schedule = Schedule(cfg)
         self.stop = stop or StopFlag()
         self.rank = _rank()
+        self.exits = PlannedExit(cfg.train.exit_at_step, cfg.train.exit_after_minutes, self.rank)
+        self.spikes = SpikeGuard(cfg.train, cfg.checkpoint.dir)  # train.spike_*: skip, rollback or stop
         self.slow_barrier = SlowBarrier()  # checkpoint saves wait on their own long-timeout group (collective)
+        self.writer = CheckpointWriter(cfg.checkpoint.async_save)  # checkpoint.async_save: interval saves in a thread
+        self.side_evals = SideEvals(cfg, self.rank)  # checkpoint.eval_on_save: each checkpoint scored by a side job
         self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.sections = SectionTimer(cfg.train.straggler_interval, cfg.train.straggler_factor, self.rank,
+                                     self.world_size)  # straggler attribution (pretrain/stragglers.py)
+        self.sections.attach(self.engine.model)
         self._lock_checkpoint_dir()
         self.train_data, self.valid_data = train_data, valid_data
         self.step, self.consumed_samples = 0, 0
+        self.data_state = None  # raw-text streams: the saved lane positions (pretrain.data.stream_loader)
         self.watchdog: Watchdog | None = None  # running during fit()
         self._eval_model = None  # the live model wrapped for evals, built at the first task evaluation
         self.metrics = MetricsLogger(cfg.log_dir if self.rank == 0 else None, cfg.logging.tensorboard)
@@ -97,7 +112,7 @@ class Trainer:
             raise error or ConfigError(f"checkpoint.dir={self.cfg.checkpoint.dir} cannot be locked for this job "
                                        f"(rank 0 says why)")
 
-    def save(self) -> Path | None:
+    def save(self, background: bool = False) -> Path | None:
         if not self.cfg.checkpoint.dir:
             return None
         state = self.engine.state_dict()
@@ -106,13 +121,13 @@ class Trainer:
                  "portable": reshard.optimizer_moments(self.engine)}
         meta = {"consumed_samples": self.consumed_samples, "config": self.cfg.to_dict(),
                 "scheduler": {"step": self.step, "consumed_samples": self.consumed_samples},
-                "sharding": reshard.sharding_meta(self.engine)}
+                "sharding": reshard.sharding_meta(self.engine), "data_skip": self.spikes.data_skip}
+        if hasattr(self.train_data, "state_dict"):  # raw-text streams: every rank's lane positions (collective)
+            meta["data"] = self.train_data.state_dict(self.consumed_samples + self.spikes.data_skip)
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        path = ckpt.save_checkpoint(self.cfg.checkpoint.dir, self.step, state["model"], extra, meta,
-                                    rank=self.rank, world_size=world, keep_last=self.cfg.checkpoint.keep_last,
-                                    barrier=self.slow_barrier)
-        log.info("saved checkpoint %s", path)
-        return path
+        return self.writer.write(self.cfg.checkpoint.dir, self.step, state["model"], extra, meta, background,
+                                 rank=self.rank, world_size=world, keep_last=self.cfg.checkpoint.keep_last,
+                                 barrier=self.slow_barrier)
 
     def resume(self, which: str | None, overwrite: bool = False) -> bool:
         """Restore from ``which`` ("auto" = ``checkpoint.dir/latest`` if any, or a path). True if restored.
@@ -142,6 +157,8 @@ class Trainer:
             log.info("no checkpoint in %s yet: starting from scratch", self.cfg.checkpoint.dir)
             return False
         _, saved_meta = reshard.read_meta(path)
+        self.data_state = saved_meta.get("data")
+        self.spikes.resume(saved_meta)  # data skipped by rollbacks before this checkpoint
         if not reshard.same_layout(saved_meta, self.engine):
             # another layout saved it: assemble full tensors, cut this rank's pieces. Per-rank RNG streams do
             # not map across layouts, so only dropout / router jitter draws differ from the never-stopped run.
@@ -220,12 +237,14 @@ class Trainer:
     def fit(self) -> int:
         """Train to ``train.steps``; returns an exit code (EXIT_OK, EXIT_PREEMPTED, EXIT_NONFINITE)."""
         timeout = float(os.environ.get("PRETRAIN_WATCHDOG_TIMEOUT", self.cfg.train.watchdog_timeout))
-        self.watchdog = Watchdog(timeout).start() if timeout > 0 else None
-        batches = self._step_batches()
+        self.watchdog = Watchdog(timeout, dump_dir=self.cfg.log_dir).start() if timeout > 0 else None
+        self.batches = self._step_batches()  # replaced by a rollback (pretrain/spikes.py)
         try:
-            return self._fit(batches)
+            return self._fit(self.batches)
         finally:
-            batches.close()
+            self.batches.close()
+            self.writer.close(raising=False)  # after an error: let the write in flight finish before unlocking
+            self.sections.close()
             if self.watchdog is not None:
                 self.watchdog.stop()
             self.metrics.close()
@@ -239,17 +258,25 @@ class Trainer:
     def _step_batches(self) -> StepBatches:
         """This rank's micro-batches for each remaining step, from the restored data position."""
         t = self.cfg.train
+        skip = self.spikes.data_skip  # the data position runs ahead of consumed_samples after a rollback
         sampler = DataParallelSampler(len(self.train_data), self.engine.dp_rank, self.engine.dp_size,
-                                      t.micro_batch_size, self.schedule.batch_size, self.consumed_samples)
+                                      t.micro_batch_size, self.spikes.shifted(self.schedule.batch_size),
+                                      self.consumed_samples + skip)
 
         def counts():
             consumed = self.consumed_samples
             for _ in range(self.step, t.steps):
-                yield sampler.num_micro_batches(consumed)
+                yield sampler.num_micro_batches(consumed + skip)
                 consumed += self.schedule.batch_size(consumed)
 
         with torch.random.fork_rng(devices=[]):  # the DataLoader draws a seed: keep the restored RNG stream
-            loader = iter(build_dataloader(self.train_data, sampler, self.cfg.data.num_workers))
+            if hasattr(self.train_data, "micro_batches"):  # raw text, tokenized while training
+                loader = self.train_data.micro_batches(self.engine.dp_rank, self.engine.dp_size, t.micro_batch_size,
+                                                       self.spikes.shifted(self.schedule.batch_size),
+                                                       self.consumed_samples + skip, self.data_state,
+                                                       self.cfg.data.num_workers)
+            else:
+                loader = iter(build_dataloader(self.train_data, sampler, self.cfg.data.num_workers))
         return StepBatches(loader, counts(), prefetch=t.prefetch)
 
     def _fit(self, data: StepBatches) -> int:
@@ -265,15 +292,28 @@ class Trainer:
             lr = self.schedule.lr(self.step, self.consumed_samples)
             t0 = time.perf_counter()
             self._beat("train step")
+            self.sections.mark("data")
             batches = data.next()
+            self.sections.mark("step")
             # the stop request travels with the step's numbers: every rank learns it without another sync
             out = self.engine.train_step(batches, lr, stop=self.stop.requested)
+            self.balance.after_step(out.skipped)
             self.stop.stepping = True
+            self.writer.poll()  # a failed background checkpoint write is raised here, a step later
+            self.side_evals.poll(self.metrics)  # results of a finished side evaluation, tagged with its step
+            self.sections.mark("other")
             self.step += 1
             self.consumed_samples += gbs
             step_flops = family_spec(self.cfg.family).batch_flops
             flops = sum(step_flops(self.cfg.model, mb) for mb in batches) * self.engine.dp_size
             window.add(time.perf_counter() - t0, out.num_tokens, flops)
+            self.sections.report(self.step, self.metrics)  # every straggler_interval steps (collective)
+            action = self.spikes.check(self.step, out)  # non-finite, loss z-score, grad-norm spike
+            if action == "rollback" and self.spikes.rollback(self):
+                data = self.batches
+                continue
+            if action in ("stop", "rollback"):  # the diagnostic is logged; the last checkpoint is the last good state
+                return EXIT_NONFINITE
             if out.skipped:
                 bad_in_row += 1
                 log.warning("step %d: non-finite loss %.4g or grad norm %.4g: update skipped (%d in a row)",
@@ -285,8 +325,10 @@ class Trainer:
                 bad_in_row = 0
             record = {"step": self.step, "loss": out.loss, "lm_loss": out.lm_loss, "lr": lr,
                       "grad_norm": out.grad_norm, "batch_size": gbs, "consumed_samples": self.consumed_samples,
-                      "skipped": out.skipped}
+                      "skipped": out.skipped, **getattr(self.train_data, "metrics", dict)(),  # raw text: bad input
+                      **self.spikes.metrics()}
             if self.step % self.cfg.logging.interval == 0 or self.step == total or out.skipped:
+                record.update(self.balance.metrics())
                 self._log(record, window, total)
                 window = _Window()
             if t.eval_interval and self.valid_data is not None and (
@@ -300,7 +342,8 @@ class Trainer:
                 self.metrics.write({"step": self.step, **self.evaluate_tasks()})
             # several ranks stop together: at the step after the request, agreed inside it (no extra sync);
             # a single process stops right after the step the request arrived in
-            stop = out.stop or (self.stop.requested and self.world_size == 1)
+            planned = self.exits.due(self.step, self.stop)  # train.exit_at_step / train.exit_after_minutes
+            stop = planned or out.stop or (self.stop.requested and self.world_size == 1)
             if code != EXIT_OK or stop:
                 if stop and not c.dir:
                     log.warning("stop requested (%s) at step %d: no checkpoint.dir, nothing saved",
@@ -312,15 +355,18 @@ class Trainer:
                 self._save()
                 break
             if c.interval and self.step % c.interval == 0 and self.step < total:
-                self._save()
+                self._save(background=True)
         else:
             if c.save_final and self.step > start:
                 self._save()
+        self.writer.wait()  # an interval save still being written in the background
+        self._beat("waiting for the eval-on-save side job")
+        self.side_evals.poll(self.metrics, wait=True)
         return code
 
-    def _save(self) -> None:
+    def _save(self, background: bool = False) -> None:
         self._beat("checkpoint save")
-        self.save()
+        self.side_evals.after_save(self.save(background))
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank if any rank's ``flag`` is (one collective and host read: not for every step; the

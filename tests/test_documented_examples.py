@@ -60,6 +60,9 @@ def workspace(tmp_path: Path, examples: list[list[str]], tiny_shard_prefix: str,
         config, *rest = train_args(argv)
         cfg = load_config(tmp_path / config, [a for a in rest if "=" in a and not a.startswith("-")])
         for prefix in [p for p in cfg.data.train + cfg.data.valid if isinstance(p, str)]:
+            if prefix.endswith(".jsonl"):  # raw text (tokenized while training): only its existence is checked
+                _link(tiny_shard_prefix + ".json", tmp_path / prefix)
+                continue
             for ext in (".bin", ".idx", ".json"):
                 _link(tiny_shard_prefix + ext, tmp_path / (prefix + ext))
         _link(tokenizer_path, tmp_path / cfg.data.tokenizer)

@@ -3,7 +3,8 @@
 Under ``parallel.sp`` the sequence is split over the tensor ranks between blocks: every width the scorer
 hands the model is padded to a multiple of ``tp`` (right padding: causal attention and masked keys keep it out
 of the real positions), a pipeline stage receives its neighbour's sequence shard, and generation recomputes
-the sequence instead of running one-token KV-cache steps (one token cannot be split).
+the sequence instead of running one-token KV-cache steps (one token cannot be split). Under context parallelism
+(``parallel.cp``) only the training and validation steps split sequences; the live model scores whole ones.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ def trainer_worker(args: dict) -> dict:
 
 
 @pytest.mark.parametrize("layout", [["parallel.tp=2", "parallel.pp=2", "parallel.sp=true"],
-                                    ["parallel.tp=2", "parallel.sp=true"]], ids=["tp2_sp_pp2", "dp2_tp2_sp"])
+                                    ["parallel.tp=2", "parallel.sp=true"],
+                                    ["parallel.cp=2", "parallel.cp_comm=ring", "data.document_mask=true",
+                                     "model.document_masking=true"]],
+                         ids=["tp2_sp_pp2", "dp2_tp2_sp", "dp2_cp2_ring"])  # cp: scoring sees whole sequences
 def test_eval_tasks_during_sequence_parallel_training(layout, tmp_path, tiny_shard_prefix, tiny_tokenizer):
     """4 gloo ranks train with sequence parallelism and score tasks on the live model at the last step: the
     scores equal one process scoring the saved checkpoint (log-likelihood metrics within 1e-5)."""

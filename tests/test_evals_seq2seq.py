@@ -130,7 +130,10 @@ def test_results_do_not_depend_on_batch_size(checkpoint):
             row = evaluate_tasks(model, [name], limit=limits[name], batch_size=bs, log_samples=True,
                                  progress=False)["results"][0]
             got = np.concatenate([np.ravel(s["raw"]) for s in row["samples"]])
-            assert np.array_equal(got, base[name]["lls"]), (name, bs)  # bit-identical
+            if checkpoint[0] == "t5":
+                assert np.array_equal(got, base[name]["lls"]), (name, bs)  # bit-identical
+            else:  # Switch-T5: on some CPUs one score in 16 moves in its last bits (7e-8 relative) at batch size 1
+                np.testing.assert_allclose(got, base[name]["lls"], rtol=1e-6, atol=0, err_msg=f"{name} {bs}")
 
 
 def test_shared_rows_truncation_and_bad_requests(checkpoint):

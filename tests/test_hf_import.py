@@ -97,10 +97,10 @@ def test_import_export_round_trip_exact(tmp_path, hf_tokenizer_dir, name):
 def test_import_refuses_unsupported(tmp_path, hf_tokenizer_dir):
     import transformers as T
 
-    bert = tmp_path / "bert"
+    bert = tmp_path / "electra"  # an encoder architecture no family imports (BERT's are: the encoder family)
     bert.mkdir()
-    (bert / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
-    with pytest.raises(UnsupportedConfig, match="BertForMaskedLM"):
+    (bert / "config.json").write_text(json.dumps({"architectures": ["ElectraForMaskedLM"], "model_type": "electra"}))
+    with pytest.raises(UnsupportedConfig, match="ElectraForMaskedLM"):
         import_hf(bert, tmp_path / "c1")
     moe = T.Qwen2MoeConfig(vocab_size=400, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                            architectures=["Qwen2MoeForCausalLM"])

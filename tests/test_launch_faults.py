@@ -167,6 +167,10 @@ def test_the_ranks_exit_code_is_the_jobs(jobs, tiny_shard_prefix, tiny_tokenizer
                      "job", env=env)
     assert _wait_exit(job, 300) == 124, jobs.err("job")[-3000:]
     assert "WATCHDOG" in jobs.err("job")
+    # every rank's stacks in the run directory: rank 1 in its optimizer hook, rank 0 waiting for it
+    stacks = {r: (ck / f"hang_rank{r:05d}.txt").read_text() for r in (0, 1)}
+    assert "in <lambda>" in stacks[1] and "'train step'; last step: 0" in stacks[1], stacks[1]
+    assert stacks[0].startswith("rank 0 on ") and "trainer.py" in stacks[0], stacks[0]
 
 
 # A training process whose data never arrives after the first `ok` samples (as a data pipeline looping forever

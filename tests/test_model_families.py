@@ -111,14 +111,14 @@ def test_toy_family_in_validation_and_errors(toy_family):
         validate(load_config(None, ["model.family=mlp_lm", "model.num_layers=1", "parallel.pp=2"]))
     with pytest.raises(ConfigError, match="model.hidden_size=0: must be a positive integer"):
         build_model("mlp_lm", {"hidden_size": 0})
-    with pytest.raises(ConfigError, match="one of gpt, mlp_lm, t5"):  # the registered families, nothing else
+    with pytest.raises(ConfigError, match="one of encoder, gpt, mlp_lm, t5"):  # the registered families, nothing else
         load_config(None, ["model.vocab_size=8"])
 
 
 def test_missing_family_lists_the_registered_ones():
-    with pytest.raises(ConfigError, match=r"model.family is required: set it to one of gpt, t5 "):
+    with pytest.raises(ConfigError, match=r"model.family is required: set it to one of encoder, gpt, t5 "):
         load_config(None, ["model.vocab_size=8"])
-    with pytest.raises(ConfigError, match="unknown model family 'bert'; set model.family to one of gpt, t5"):
+    with pytest.raises(ConfigError, match="unknown model family 'bert'; set model.family to one of encoder, gpt, t5"):
         family_spec("bert")
 
 

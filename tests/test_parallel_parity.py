@@ -6,8 +6,9 @@ Checked per layout: per-step loss (relative difference <= 1e-5), per-step global
 sees the true norm; clipping is active: the norm exceeds ``clip_grad``) and the final parameters (gathered
 over tensor, pipeline and expert ranks). Layouts cover plain DP (DDP), DP with ZeRO 0-3, TP, TP+SP, PP 1F1B
 and interleaved (tied embeddings, Switch aux losses from an earlier stage), EP, EP x TP (+SP), their 4-rank
-combinations and DP2 x TP2 x PP2 on 8 ranks, for GPT-2 and Llama style GPT, T5, Switch-GPT and Switch-T5; some resume from a
-mid-run engine state dict, one skips a NaN step.
+combinations and DP2 x TP2 x PP2 on 8 ranks, context parallelism (CP2, CP4, with TP+SP, ZeRO-1/3 and PP, over
+packed documents too), for GPT-2 and Llama style GPT, T5, Switch-GPT, Switch-T5 and BERT / ModernBERT-style
+encoders; some resume from a mid-run engine state dict, one skips a NaN step.
 """
 
 from __future__ import annotations
@@ -44,12 +45,30 @@ MODELS = {
     "switch_deep": {"family": "gpt", "flavour": "gpt2", "vocab_size": 128, "hidden_size": 32, "num_layers": 4,
                     "num_heads": 4, "max_seq_len": SEQ, "tie_embeddings": True,
                     "moe": {"num_experts": 4, "capacity_factor_train": 1.0, "jitter": 0.0}},
+    # packed documents (random borders, positions reset per document), attention kept within each document
+    "gpt2_docs": {"family": "gpt", "flavour": "gpt2", "vocab_size": 128, "hidden_size": 32, "num_layers": 2,
+                  "num_heads": 4, "num_kv_heads": 2, "max_seq_len": SEQ, "document_masking": True},
+    "llama_docs": {"family": "gpt", "flavour": "llama", "vocab_size": 128, "hidden_size": 32, "num_layers": 2,
+                   "num_heads": 4, "ffn_hidden_size": 64, "max_seq_len": SEQ, "document_masking": True},
+    # top-2 of 4 small experts in every block, dropless, sigmoid scores, shared expert (gated), aux-loss-free bias
+    "moe": {"family": "gpt", "flavour": "llama", "vocab_size": 128, "hidden_size": 32, "num_layers": 2,
+            "num_heads": 4, "ffn_hidden_size": 64, "max_seq_len": SEQ,
+            "moe": {"num_experts": 4, "every": 1, "top_k": 2, "dropless": True, "expert_ffn_size": 16,
+                    "shared_ffn_size": 32, "shared_gate": True, "score": "sigmoid", "normalize_top_k": True,
+                    "bias_update_rate": 0.01, "aux_loss_scope": "sequence", "jitter": 0.0}},
     # T5 v1.1 (gated GELU, relative position bias), padded encoder inputs
     "t5": {"family": "t5", "vocab_size": 128, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
            "num_heads": 4},
     # Switch-T5: 4 experts in block 1 of each stack
     "switch_t5": {"family": "t5", "vocab_size": 128, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
                   "num_heads": 4, "moe": {"num_experts": 4, "capacity_factor_train": 1.0, "jitter": 0.0}},
+    # encoders (masked LM over padded rows): BERT (post-LN, learned positions, two token types) and ModernBERT
+    # style (pre-LN, RoPE, GeGLU, global block 0 and a 4-token sliding window in block 1)
+    "bert": {"family": "encoder", "flavour": "bert", "vocab_size": 128, "hidden_size": 32, "num_layers": 2,
+             "num_heads": 4, "ffn_hidden_size": 64, "max_seq_len": SEQ},
+    "modernbert": {"family": "encoder", "flavour": "modernbert", "vocab_size": 128, "hidden_size": 32,
+                   "num_layers": 2, "num_heads": 4, "ffn_hidden_size": 64, "max_seq_len": SEQ, "type_vocab_size": 0,
+                   "global_every": 2, "local_window": 4},
 }
 LOSS_RTOL = NORM_RTOL = 1e-5
 PARAM_ATOL = 5e-6
@@ -84,6 +103,16 @@ def global_batch(step: int, model: str) -> dict[str, torch.Tensor]:
         batch = {"input_ids": torch.from_numpy(rng.integers(0, vocab, (GLOBAL_BATCH, SEQ))),
                  "attention_mask": (torch.arange(SEQ)[None] < lengths[:, None]).long(),
                  "decoder_input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask}
+    if MODELS[model].get("document_masking"):  # a border before ~1 token in 5, anywhere (across CP chunks)
+        starts = torch.from_numpy(rng.random((GLOBAL_BATCH, seq)) < 0.2)
+        starts[:, 0] = True
+        doc_ids = starts.long().cumsum(1) - 1
+        first = torch.where(starts, torch.arange(seq), 0).cummax(1).values
+        batch |= {"document_ids": doc_ids, "position_ids": torch.arange(seq) - first}
+    if MODELS[model]["family"] == "encoder":  # up to 4 padding tokens per row; segment B from the middle
+        lengths = torch.from_numpy(rng.integers(SEQ - 4, SEQ + 1, GLOBAL_BATCH))
+        batch |= {"attention_mask": (torch.arange(SEQ)[None] < lengths[:, None]).long(),
+                  "token_type_ids": (torch.arange(SEQ)[None] >= lengths[:, None] // 2).long()}
     return batch
 
 
@@ -95,9 +124,12 @@ def micro_batches(step: int, model: str, dp_rank: int, dp_size: int) -> list[dic
 
 
 def train(engine, model: str, steps: range = range(STEPS)) -> dict[str, list[float]]:
-    losses, norms = [], []
+    from pretrain.moe_balance import ExpertBalance
+
+    losses, norms, balance = [], [], ExpertBalance(engine)
     for step in steps:
         m = engine.train_step(micro_batches(step, model, engine.dp_rank, engine.dp_size), LR)
+        balance.after_step(m.skipped)  # as the trainer does: MoE selection-bias update
         losses.append(m.loss)
         norms.append(m.grad_norm)
     return {"loss": losses, "grad_norm": norms}
@@ -235,6 +267,15 @@ LAYOUTS_2 = {
     "pp2 interleaved switch_deep": ("switch_deep", {"pp": 2, "vpp": 2}),
     "pp2 1f1b t5": ("t5", {"pp": 2}),
     "ep2 switch": ("switch", {"ep": 2}),
+    "tp2 sp zero1 bert": ("bert", {"tp": 2, "sp": True, "zero": 1}),
+    "dp2 zero3 modernbert resumed": ("modernbert", {"zero": 3}, True),
+    "tp2 modernbert": ("modernbert", {"tp": 2}),
+    "pp2 1f1b bert": ("bert", {"pp": 2}),
+    "ep2 moe": ("moe", {"ep": 2}),  # dropless top-2 + shared expert + aux-loss-free bias
+    "cp2 gpt2": ("gpt2", {"cp": 2}),  # context parallelism: load-balanced chunks, all-gathered K/V
+    "cp2 gpt2_docs": ("gpt2_docs", {"cp": 2}),  # documents spanning chunk borders
+    "cp2 zero1 llama_docs resumed": ("llama_docs", {"cp": 2, "zero": 1}, True),
+    "cp2 ring gpt2_docs": ("gpt2_docs", {"cp": 2, "cp_comm": "ring"}),  # K/V passed rank to rank
 }
 LAYOUTS_4 = {
     "dp2 tp2 zero1 llama": ("llama", {"tp": 2, "zero": 1}),
@@ -251,6 +292,23 @@ LAYOUTS_4 = {
     "ep2 tp2 switch": ("switch", {"ep": 2, "tp": 2}),
     "ep2 tp2 sp zero1 switch": ("switch", {"ep": 2, "tp": 2, "sp": True, "zero": 1}),
     "ep2 tp2 sp switch_t5": ("switch_t5", {"ep": 2, "tp": 2, "sp": True}),
+    "dp2 tp2 sp zero2 modernbert": ("modernbert", {"tp": 2, "sp": True, "zero": 2}),
+    "dp2 pp2 zero1 bert resumed": ("bert", {"pp": 2, "zero": 1}, True),
+    "ep2 tp2 sp moe": ("moe", {"ep": 2, "tp": 2, "sp": True}),
+    "dp2 ep2 zero1 moe resumed": ("moe", {"ep": 2, "zero": 1}, True),  # the selection bias is engine state
+    "ep2 pp2 moe": ("moe", {"ep": 2, "pp": 2}),
+    "cp4 llama": ("llama", {"cp": 4}),
+    "cp4 gpt2_docs": ("gpt2_docs", {"cp": 4}),
+    "cp2 tp2 sp llama": ("llama", {"cp": 2, "tp": 2, "sp": True}),
+    "cp2 tp2 sp llama_docs": ("llama_docs", {"cp": 2, "tp": 2, "sp": True}),
+    "cp2 dp2 zero1 gpt2": ("gpt2", {"cp": 2, "zero": 1}),
+    "cp2 dp2 zero1 gpt2_docs": ("gpt2_docs", {"cp": 2, "zero": 1}),
+    "cp2 dp2 zero3 llama": ("llama", {"cp": 2, "zero": 3}),
+    "cp2 dp2 zero3 llama_docs": ("llama_docs", {"cp": 2, "zero": 3}),
+    "cp2 pp2 llama": ("llama", {"cp": 2, "pp": 2}),
+    "cp4 ring llama_docs": ("llama_docs", {"cp": 4, "cp_comm": "ring"}),  # masked tiles
+    "cp4 ring llama": ("llama", {"cp": 4, "cp_comm": "ring"}),  # causal chunk pairs on SDPA's CPU flash kernel
+    "cp2 tp2 sp ring gpt2": ("gpt2", {"cp": 2, "tp": 2, "sp": True, "cp_comm": "ring"}),
 }
 
 LAYOUTS_8 = {

@@ -14,7 +14,8 @@ given width 0 (its output is then exactly zero), its qkv bias is switched off (`
 renormalise the top-k probabilities, so top-1 weight would always be 1; Qwen3-MoE and OLMoE add q/k norms.
 HF MoE layers (Qwen2-MoE, and Switch Transformers with ``expert_capacity`` set to the sequence-length bound)
 never drop tokens, so they equal ours whenever our capacity drops none (always when
-``capacity_factor_eval >= num_experts``); export warns otherwise.
+``capacity_factor_eval * top_k >= num_experts``, or ``model.moe.dropless``); export warns otherwise. The
+top-k MoE classes (Mixtral, Qwen2/3-MoE, DeepSeek-V3, Glm4-MoE) are described in :mod:`pretrain.hf.moe`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import warnings
 
 LLAMA, GPT2, QWEN2_MOE = "LlamaForCausalLM", "GPT2LMHeadModel", "Qwen2MoeForCausalLM"
 T5, SWITCH = "T5ForConditionalGeneration", "SwitchTransformersForConditionalGeneration"
+MISTRAL = "MistralForCausalLM"  # the Llama flavour with a sliding window (model.sparse.pattern=sliding_window)
 
 
 class UnsupportedConfig(ValueError):
@@ -40,7 +42,8 @@ def get(hf, name: str, default=None):
 
 
 def warn_capacity(moe) -> None:
-    if moe.capacity_factor_eval < moe.num_experts:
-        warnings.warn(f"model.moe.capacity_factor_eval={moe.capacity_factor_eval} < num_experts={moe.num_experts}: "
+    if not moe.dropless and moe.capacity_factor_eval * moe.top_k < moe.num_experts:
+        warnings.warn(f"model.moe.capacity_factor_eval={moe.capacity_factor_eval} < num_experts={moe.num_experts} "
+                      f"/ top_k={moe.top_k}: "
                       "our model may drop tokens at evaluation, the exported (dropless) HF model never does",
                       stacklevel=3)

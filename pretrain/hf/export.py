@@ -2,8 +2,10 @@
 
 GPT Llama flavour -> ``LlamaForCausalLM``, GPT-2 flavour -> ``GPT2LMHeadModel``, Switch-GPT ->
 ``Qwen2MoeForCausalLM`` (see :mod:`pretrain.hf.configs` for why), T5 -> ``T5ForConditionalGeneration``,
-Switch-T5 -> ``SwitchTransformersForConditionalGeneration``: the architecture, its config and its weight table
-come from the family's spec (``hf``, defined in ``pretrain/models/<family>/hf.py``). The output holds ``config.json``,
+Switch-T5 -> ``SwitchTransformersForConditionalGeneration``, top-k MoE GPT -> Mixtral / Qwen2-MoE / Qwen3-MoE /
+Glm4-MoE (:mod:`pretrain.hf.moe`; ``--architecture`` picks one, default the one it was imported from, else the
+family's choice): the architecture, its config and its weight table come from the family's spec (``hf``,
+defined in ``pretrain/models/<family>/hf.py``). The output holds ``config.json``,
 ``model.safetensors``, ``generation_config.json`` and tokenizer files (our sentencepiece model converted by
 :mod:`pretrain.hf.tokenizer`, or the HF tokenizer an imported model came with). Written to a temporary
 directory next to ``OUT_DIR`` and renamed into place, so a failed export leaves nothing half-written.
@@ -168,8 +170,10 @@ def _swap_in(tmp: Path, out: Path) -> None:
         shutil.rmtree(aside)
 
 
-def export(ckpt: str | Path, out_dir: str | Path, tokenizer: str | None = None, force: bool = False) -> Path:
-    """Write the HF model directory ``out_dir`` from checkpoint ``ckpt``; returns ``out_dir``."""
+def export(ckpt: str | Path, out_dir: str | Path, tokenizer: str | None = None, force: bool = False,
+           architecture: str | None = None) -> Path:
+    """Write the HF model directory ``out_dir`` from checkpoint ``ckpt``; returns ``out_dir``. ``architecture``
+    (default: the one the checkpoint was imported from, else the family's choice) picks the HF class."""
     from transformers import GenerationConfig
 
     start = time.time()
@@ -184,8 +188,14 @@ def export(ckpt: str | Path, out_dir: str | Path, tokenizer: str | None = None, 
         write_tokenizer(tok_src, tmp, getattr(cfg, "max_seq_len", None))
         ids = token_ids(tmp, meta, cfg.vocab_size)
         hf = hf_spec(family)
-        arch = hf.architecture(cfg)
+        arch = architecture or (meta.get("imported_from") or {}).get("architecture") or hf.architecture(cfg)
+        configs.need(arch in hf.classes, f"--architecture {arch}: model.family={family} exports as one of "
+                                         f"{', '.join(hf.classes)}")
         kwargs = hf.to_config(cfg, arch, {k: ids.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+        tok_config = tmp / "tokenizer_config.json"  # the family's special tokens (an encoder's mask token)
+        tok_values = json.loads(tok_config.read_text()) if tok_config.exists() else {}
+        if hf.tokenizer_tokens(meta["config"], tok_values):
+            tok_config.write_text(json.dumps({**tok_values, **hf.tokenizer_tokens(meta["config"], tok_values)}))
         model_cls, config_cls = hf_classes(family, arch)
         hf_config = config_cls(**kwargs, architectures=[arch], dtype="float32")
         check_config_kept(hf_config, kwargs)
@@ -215,12 +225,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR", help="Hugging Face model directory to write")
     p.add_argument("--tokenizer", help="sentencepiece .model or HF tokenizer dir (default: the checkpoint's)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--architecture", help="Hugging Face class to write, e.g. MixtralForCausalLM (default: the one "
+                                          "the checkpoint was imported from, else chosen from the config)")
 
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(fmt="%(message)s", stream=sys.stderr)
     try:
-        out = export(args.ckpt, args.out_dir, args.tokenizer, args.force)
+        out = export(args.ckpt, args.out_dir, args.tokenizer, args.force, args.architecture)
     except (ValueError, KeyError, RuntimeError, FileNotFoundError, FileExistsError) as e:
         print(f"pretrain export: error: {e}", file=sys.stderr)
         return 1

@@ -1,4 +1,5 @@
-"""``pretrain import HF_DIR OUT_CKPT``: a Hugging Face Llama, GPT-2 or T5 model -> one of our checkpoints.
+"""``pretrain import HF_DIR OUT_CKPT``: a Hugging Face Llama, GPT-2, T5 or MoE (Mixtral, Qwen2/3-MoE, Glm4-MoE)
+model -> one of our checkpoints.
 
 For continued pretraining from a public model. The architecture is checked from ``config.json`` before any
 weight is read (others are refused by name); the family whose spec lists the architecture translates the

@@ -26,6 +26,8 @@ Masks (all optional, combined with AND):
 * ``mask`` ``[batch or 1, 1, q_len, kv_len]`` (True = may attend): any other pattern, e.g. the tree of several
   continuations packed after one shared context that evaluation scores in one pass.
 * ``bias`` ``[batch or 1, q_heads, q_len, kv_len]``: added to the scores (T5 relative position bias).
+* ``mask`` may instead be a flex ``BlockMask`` (a sparse pattern of :mod:`pretrain.models.patterns` with
+  ``kernel=flex``): it already holds the causal and document masks, and ``flex_attention`` runs it on any backend.
 
 With an explicit mask or bias SDPA gets K/V expanded to the query heads: CUDA's mask-taking kernels (memory-
 efficient, cuDNN) do not take grouped-query K/V, and SDPA would fall back to its math kernel (fp32
@@ -39,6 +41,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from pretrain.models.patterns import BlockMask, flex_attend
 
 try:  # flash-attn is optional (GPU only); import-safe without it
     from flash_attn import flash_attn_func, flash_attn_varlen_func
@@ -82,6 +86,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     docs = DocumentMask(document_ids) if isinstance(document_ids, torch.Tensor) else document_ids
+    if isinstance(mask, BlockMask):  # a sparse pattern (pretrain.models.patterns), causal and documents inside
+        return flex_attend(q, k, v, mask, scale)
     if backend in ("auto", "flash_attn"):
         if backend == "flash_attn" and flash_attn_func is None:
             raise RuntimeError("model.attention_backend=flash_attn needs the flash-attn package (GPU only); "

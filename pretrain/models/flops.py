@@ -1,10 +1,10 @@
 """Parameter counts and training FLOPs, from the config alone (used for MFU).
 
 Training FLOPs follow PaLM (Chowdhery et al., 2022, appendix B) / Megatron: ``6 * N`` per token for every
-weight that multiplies it (forward 2, backward 4), where ``N`` counts the *active* parameters (a Switch layer
-counts its router and one expert), excludes embedding lookups and includes the LM head (tied or not); plus
-attention's ``QK^T`` and ``AV``: ``12 * layers * q_len * k_len * heads * head_dim`` per sequence, without
-halving for causal masks (the PaLM convention).
+weight that multiplies it (forward 2, backward 4), where ``N`` counts the *active* parameters (an MoE layer
+counts its router, its top-k experts and its shared expert), excludes embedding lookups and includes the LM head
+(tied or not); plus attention's ``QK^T`` and ``AV``: ``12 * layers * q_len * k_len * heads * head_dim`` per
+sequence, without halving for causal masks (the PaLM convention).
 """
 
 from __future__ import annotations
@@ -24,10 +24,13 @@ def _mlp(dim: int, hidden: int, activation: str, bias: bool) -> int:
 
 
 def _ffn(cfg: Any, dim: int, hidden: int, activation: str, bias: bool, index: int, active: bool) -> int:
-    dense = _mlp(dim, hidden, activation, bias)
-    if not cfg.moe.is_moe_layer(index):
-        return dense
-    return cfg.moe.num_experts * dim + dense * (1 if active else cfg.moe.num_experts)
+    moe = cfg.moe
+    if not moe.is_moe_layer(index):
+        return _mlp(dim, hidden, activation, bias)
+    expert = _mlp(dim, moe.expert_ffn_size or hidden, activation, bias)
+    shared = (_mlp(dim, moe.shared_ffn_size, activation, bias) if moe.shared_ffn_size else 0) + \
+        (dim if moe.shared_gate else 0)
+    return moe.num_experts * dim + expert * (moe.top_k if active else moe.num_experts) + shared
 
 
 def _gpt_params(cfg: GPTConfig, active: bool) -> tuple[int, int]:
@@ -35,7 +38,8 @@ def _gpt_params(cfg: GPTConfig, active: bool) -> tuple[int, int]:
     d, bias = cfg.hidden_size, not cfg.llama
     norm = d if cfg.llama else 2 * d
     qkv = (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim
-    attn = d * qkv + cfg.num_heads * cfg.head_dim * d + (qkv + d if bias else 0)
+    attn = d * qkv + cfg.num_heads * cfg.head_dim * d + (qkv + d if bias else 0) + \
+        (2 * cfg.head_dim if cfg.qk_norm else 0)  # QK-norm weights
     act = "swiglu" if cfg.llama else "gelu"
     blocks = sum(2 * norm + attn + _ffn(cfg, d, cfg.ffn_size, act, bias, i, active) for i in range(cfg.num_layers))
     embed = cfg.vocab_size * d + (0 if cfg.llama else cfg.max_seq_len * d)
@@ -60,7 +64,7 @@ def _t5_params(cfg: T5Config, active: bool) -> tuple[int, int, int]:
 
 
 def gpt_param_count(cfg: GPTConfig, active: bool = False) -> int:
-    """Number of parameters; ``active=True`` counts one expert per Switch layer (what a token uses)."""
+    """Number of parameters; ``active=True`` counts ``top_k`` experts per MoE layer (what a token uses)."""
     return _gpt_params(cfg, active)[0]
 
 

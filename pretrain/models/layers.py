@@ -96,6 +96,7 @@ class LayerFactory:
     tp_size: int = 1
     tp_rank: int = 0
     sp: bool = False  # sequence parallelism: activations between blocks are split along the sequence
+    cp = None  # context parallelism: a pretrain.parallel.context.ContextParallel set by the engine factory
 
     @property
     def sequence_shards(self) -> int:
@@ -124,6 +125,11 @@ class LayerFactory:
         if kind == "layernorm":
             return nn.LayerNorm(dim, eps=eps, bias=bias)
         raise ValueError(f"unknown norm kind {kind!r} (expected 'rmsnorm' or 'layernorm')")
+
+    def head_norm(self, dim: int, eps: float) -> nn.Module:
+        """An RMSNorm over ``dim = head_dim`` that every head shares (QK-norm). Replicated; under tensor
+        parallelism each rank normalises only its own heads, so its weight's grads need a tensor-group sum."""
+        return RMSNorm(dim, eps)
 
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-token loss (no reduction) from this rank's vocab shard of ``logits``."""

@@ -20,6 +20,7 @@ from pretrain.models.spec import ModelSpec
 FAMILIES: dict[str, str] = {
     "gpt": "pretrain.models.gpt.spec",
     "t5": "pretrain.models.t5.spec",
+    "encoder": "pretrain.models.encoder.spec",
 }
 _SPECS: dict[str, ModelSpec] = {}
 

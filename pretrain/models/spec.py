@@ -31,7 +31,8 @@ class HFSpec:
     the export architecture (raising ``UnsupportedConfig`` naming the field when there is none);
     ``to_config(cfg, arch, special_ids)`` gives the HF config kwargs; ``from_config[arch](hf_config)`` gives our
     config values (the importable architectures); ``rules(cfg, arch)`` gives the weight table and its tied
-    aliases (:mod:`pretrain.hf.mapping`); ``generation(cfg)`` adds fields to ``generation_config.json``.
+    aliases (:mod:`pretrain.hf.mapping`); ``generation(cfg)`` adds fields to ``generation_config.json``;
+    ``tokenizer_tokens`` adds special tokens to the exported ``tokenizer_config.json``.
     """
 
     classes: dict[str, str]
@@ -40,6 +41,8 @@ class HFSpec:
     from_config: dict[str, Callable[[Any], dict[str, Any]]]
     rules: Callable[[Any, str], tuple[list, dict[str, str]]]
     generation: Callable[[Any], dict[str, Any]] = _no_extra
+    # (training config dict, tokenizer_config.json dict) -> entries to add to it (an encoder's mask/cls/sep)
+    tokenizer_tokens: Callable[[dict, dict], dict[str, str]] = lambda config, tok: {}
 
 
 @dataclass(frozen=True)

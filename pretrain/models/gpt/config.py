@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from pretrain.models.attention import BACKENDS, FLASH_MAX_HEAD_DIM
 from pretrain.models.moe import MoEConfig
+from pretrain.models.patterns import SparseConfig
+from pretrain.models.rope import RopeScaling
 
 FLAVOURS = ("llama", "gpt2")
 CHECKPOINTING = ("none", "full", "every_n")
@@ -24,6 +26,9 @@ class GPTConfig:
     tie_embeddings: bool = False  # share the input embedding with the LM head
     norm_eps: float = 1e-5  # epsilon of every normalisation layer
     rope_theta: float = 10000.0  # RoPE base frequency (llama flavour)
+    qk_norm: bool = False  # RMSNorm of every query and key head (over head_dim) before RoPE (Qwen3)
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # longer contexts (model.rope_scaling.*)
+    sparse: SparseConfig = field(default_factory=SparseConfig)  # sparse attention pattern (model.sparse.*)
     init_std: float = 0.02  # std of the normal init; output projections are scaled by 1/sqrt(2*num_layers)
     attention_backend: str = "auto"  # auto | sdpa | flash_attn | reference (pretrain.models.attention)
     document_masking: bool = False  # attend only within the document (batch["document_ids"])
@@ -76,3 +81,7 @@ class GPTConfig:
             raise ValueError(f"model.activation_checkpointing={self.activation_checkpointing!r}: "
                              f"expected one of {CHECKPOINTING}")
         self.moe.validate()
+        self.rope_scaling.validate(self.max_seq_len)
+        if self.rope_scaling.type != "none" and not self.llama:
+            raise ValueError("model.rope_scaling.type needs model.flavour=llama (gpt2 has learned positions)")
+        self.sparse.validate()

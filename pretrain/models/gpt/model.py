@@ -13,6 +13,7 @@ split hands each rank whole groups. RoPE uses the rotate-half convention of Hugg
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -23,6 +24,8 @@ from pretrain.models.layers import LayerFactory, LocalLayers, scaled_init_std
 from pretrain.models.mlp import MLP
 from pretrain.models.moe import SwitchMLP
 from pretrain.models.output import ModelOutput, lm_output
+from pretrain.models.patterns import attention_mask_for
+from pretrain.models.rope import RopeScaling, inv_frequencies
 
 
 class KVCache:
@@ -51,15 +54,17 @@ class Context:
     document_ids: DocumentMask | None = None  # shared by the layers (flash-attn's varlen metadata once)
     mask: torch.Tensor | None = None  # explicit attention mask (see pretrain.models.attention), e.g. for evals
     cache: KVCache | None = None
+    cp: Any = None  # a context-parallel forward's attention (pretrain.parallel.context.ContextAttention)
     moe_aux: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # block index -> aux losses
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, max_len: int, theta: float, scaling: RopeScaling | None = None,
+                seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos`` and *signed* ``sin`` tables ``[max_len, head_dim]``: the sine's first half is negated so that
-    :func:`apply_rope` needs no negation of the activations."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    :func:`apply_rope` needs no negation of the activations. ``scaling``/``seq_len``: :mod:`pretrain.models.rope`."""
+    inv_freq, factor = inv_frequencies(head_dim, theta, scaling, seq_len)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-    cos, sin = angles.cos(), angles.sin()
+    cos, sin = angles.cos() * factor, angles.sin() * factor
     return torch.cat([cos, cos], dim=-1).float(), torch.cat([-sin, sin], dim=-1).float()
 
 
@@ -79,6 +84,8 @@ class SelfAttention(nn.Module):
                                   cfg.init_std)
         self.proj = factory.row(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias,
                                 scaled_init_std(cfg.init_std, cfg.num_layers))
+        self.q_norm = factory.head_norm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = factory.head_norm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         qkv = self.qkv(x)
@@ -86,13 +93,17 @@ class SelfAttention(nn.Module):
         group = self.q_heads // self.kv_heads
         # split (not slicing) keeps the backward a single concatenation
         qk, v = qkv.view(b, s, self.kv_heads, group + 2, self.head_dim).split([group + 1, 1], dim=3)
+        if self.q_norm is not None:  # QK-norm, before RoPE as in Qwen3
+            q, k = qk.split([group, 1], dim=3)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=3)
         if ctx.rope is not None:
             qk = apply_rope(qk, *(t.to(qk.dtype) for t in ctx.rope))
         q, k = qk.split([group, 1], dim=3)
         q, k, v = q.reshape(b, s, self.q_heads, self.head_dim), k.squeeze(3), v.squeeze(3)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.index, k, v)
-        y = attention(q, k, v, causal=True, backend=self.backend, document_ids=ctx.document_ids, mask=ctx.mask)
+        attend = attention if ctx.cp is None else ctx.cp.attention
+        y = attend(q, k, v, causal=True, backend=self.backend, document_ids=ctx.document_ids, mask=ctx.mask)
         return self.proj(y.reshape(b, s, -1))
 
 
@@ -129,7 +140,7 @@ class GPT(nn.Module):
         self.head = factory.lm_head(cfg.hidden_size, cfg.vocab_size, cfg.init_std,
                                     tied_to=self.tok_emb if cfg.tie_embeddings else None)
         if cfg.llama:
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -137,6 +148,9 @@ class GPT(nn.Module):
         s = input_ids.shape[1]
         if offset + s > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {offset + s} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        cp = self.factory.cp
+        if position_ids is None and cp is not None and cp.enabled:  # this rank's chunks of the sequence
+            return cp.positions(s, input_ids.device)
         if position_ids is None:
             return torch.arange(offset, offset + s, device=input_ids.device)[None]
         return position_ids
@@ -155,9 +169,23 @@ class GPT(nn.Module):
         rope = None
         if self.cfg.llama:
             pos = self._positions(input_ids, position_ids, offset)
-            rope = (self.rope_cos[pos][:, :, None, None], self.rope_sin[pos][:, :, None, None])
+            rope = self.rope_at(pos)
         docs = DocumentMask(document_ids) if self.cfg.document_masking and document_ids is not None else None
-        return Context(rope=rope, document_ids=docs, mask=mask, cache=cache)
+        mask = attention_mask_for(self.cfg.sparse, input_ids.shape[1], offset + input_ids.shape[1], causal=True,
+                                  document_ids=None if docs is None else docs.ids, device=input_ids.device, mask=mask)
+        cp = None if self.factory.cp is None else self.factory.cp.forward_state(
+            input_ids.shape[1], None if docs is None else docs.ids, input_ids.device, self.cfg.sparse)
+        # under context parallelism the pattern is part of cp's mask, in global positions
+        return Context(rope=rope, document_ids=docs, mask=mask if cp is None else None, cache=cache, cp=cp)
+
+    def rope_at(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin ``[batch or 1, seq, 1, 1, head_dim]`` at positions ``pos``; dynamic NTK scaling
+        recomputes the tables when the longest position passes the original context (one host sync)."""
+        cos, sin, scaling = self.rope_cos, self.rope_sin, self.cfg.rope_scaling
+        if scaling.dynamic and int(pos.max()) + 1 > scaling.original_max_seq_len:
+            cos, sin = (t.to(pos.device) for t in rope_tables(self.cfg.head_dim, self.cfg.max_seq_len,
+                                                               self.cfg.rope_theta, scaling, int(pos.max()) + 1))
+        return cos[pos][:, :, None, None], sin[pos][:, :, None, None]
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm, leaving the sequence-parallel region: the head's input ``[b, s, d]``."""

@@ -8,6 +8,7 @@ from pretrain.models.attention import BACKENDS
 from pretrain.models.gpt.config import CHECKPOINTING
 from pretrain.models.mlp import ACTIVATIONS
 from pretrain.models.moe import MoEConfig
+from pretrain.models.patterns import SparseConfig
 
 
 @dataclass
@@ -30,6 +31,7 @@ class T5Config:
     activation_checkpointing: str = "none"  # none | full (every block) | every_n (blocks 0, n, 2n, ...)
     checkpoint_every: int = 2  # n of activation_checkpointing=every_n
     moe: MoEConfig = field(default_factory=MoEConfig)  # Switch mixture-of-experts layers (model.moe.*)
+    sparse: SparseConfig = field(default_factory=SparseConfig)  # encoder self-attention pattern (model.sparse.*)
 
     @property
     def decoder_layers(self) -> int:
@@ -55,3 +57,7 @@ class T5Config:
             raise ValueError(f"model.activation_checkpointing={self.activation_checkpointing!r}: "
                              f"expected one of {CHECKPOINTING}")
         self.moe.validate()
+        self.sparse.validate()
+        if self.sparse.enabled and self.sparse.kernel != "mask":
+            raise ValueError(f"model.sparse.kernel={self.sparse.kernel}: T5 adds a relative position bias, which the "
+                             "flex kernel does not take here; use model.sparse.kernel=mask")

@@ -9,6 +9,7 @@ from typing import Any
 
 from pretrain.hf.configs import SWITCH, T5, need, warn_capacity
 from pretrain.hf.mapping import Rule, gated, per_expert, per_head, same
+from pretrain.hf.moe import SWITCH_ROUTER, check_router
 from pretrain.models.spec import HFSpec
 from pretrain.models.t5.config import T5Config
 
@@ -16,6 +17,8 @@ DROPLESS_CAPACITY = 1 << 20  # Switch Transformers' per-sequence expert capacity
 
 
 def architecture(cfg: T5Config) -> str:
+    need(not cfg.sparse.enabled, f"model.sparse.pattern={cfg.sparse.pattern}: Hugging Face T5 has no sparse "
+                                 "attention; export a model trained with model.sparse.pattern=dense")
     return SWITCH if cfg.moe.enabled else T5
 
 
@@ -38,6 +41,11 @@ def to_config(cfg: T5Config, arch: str, ids: dict[str, int | None]) -> dict[str,
                           "gated; use relu or gelu for Switch-T5 export")
     need(moe.every in (1, 2), f"model.moe.every={moe.every}: Switch Transformers puts experts in layers "
                               "i % step == 1 (or all), which matches every=1 or 2 only")
+    check_router(moe, SWITCH_ROUTER, cfg.d_ff)
+    need(moe.first_dense == 0, f"model.moe.first_dense={moe.first_dense}: Switch Transformers places experts by "
+                               "num_sparse_*_layers only")
+    need(moe.expert_ffn_size in (None, cfg.d_ff), f"model.moe.expert_ffn_size={moe.expert_ffn_size}: Switch "
+                                                  f"Transformers' experts have the width d_ff={cfg.d_ff}")
     warn_capacity(moe)
     return dict(common, dense_act_fn=act, num_experts=moe.num_experts, expert_capacity=DROPLESS_CAPACITY,
                 num_sparse_encoder_layers=len([i for i in range(cfg.num_layers) if moe.is_moe_layer(i)]),

@@ -27,6 +27,7 @@ from pretrain.models.layers import LayerFactory, LocalLayers
 from pretrain.models.mlp import MLP
 from pretrain.models.moe import SwitchMLP
 from pretrain.models.output import ModelOutput, lm_output
+from pretrain.models.patterns import attention_mask_for
 from pretrain.models.t5.config import T5Config
 
 
@@ -51,6 +52,7 @@ class T5Context:
     bias: torch.Tensor  # relative position bias of self-attention, [1, local_heads, q_len, k_len]
     key_mask: torch.Tensor | None  # encoder padding (1 = token): encoder self-attn and decoder cross-attn keys
     encoder_out: torch.Tensor | None = None  # set for the decoder
+    mask: torch.Tensor | None = None  # encoder: the sparse pattern's boolean mask (pretrain.models.patterns)
     moe_aux: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -84,7 +86,8 @@ class Attention(nn.Module):
             q, k, v = qkv.unbind(3)
             bias, causal = ctx.bias, ctx.encoder_out is not None
         key_mask = None if causal else ctx.key_mask
-        y = attention(q, k, v, causal=causal, backend=self.backend, key_mask=key_mask, bias=bias, scale=1.0)
+        y = attention(q, k, v, causal=causal, backend=self.backend, key_mask=key_mask, bias=bias, scale=1.0,
+                      mask=ctx.mask)
         return self.o(y.reshape(b, s, -1))
 
 
@@ -154,7 +157,8 @@ class T5(nn.Module):
     def encoder_context(self, seq_len: int, attention_mask: torch.Tensor | None, device: torch.device,
                         moe_aux: dict | None = None) -> T5Context:
         bias = self.encoder.position_bias(seq_len, seq_len, device)
-        return T5Context(bias=bias, key_mask=attention_mask, moe_aux={} if moe_aux is None else moe_aux)
+        mask = attention_mask_for(self.cfg.sparse, seq_len, seq_len, causal=False, device=device)
+        return T5Context(bias=bias, key_mask=attention_mask, mask=mask, moe_aux={} if moe_aux is None else moe_aux)
 
     def decoder_context(self, seq_len: int, attention_mask: torch.Tensor | None, encoder_out: torch.Tensor,
                         moe_aux: dict | None = None) -> T5Context:
