@@ -283,6 +283,16 @@ def submit(job: SlurmJob) -> str:
     return job_id
 
 
+def submit_side_job(argv: list[str], name: str, output: Path, options: list[str]) -> str:
+    """``sbatch`` a one-task job running ``argv`` in this process's working directory and environment, with extra
+    sbatch ``options``; returns its id. Used for the side jobs of a training job (:mod:`pretrain.eval_on_save`)."""
+    out = _slurm("sbatch", "--parsable", f"--job-name={name}", f"--output={output}", "--ntasks=1",
+                 f"--chdir={os.getcwd()}", *options, "--wrap", _q(argv))
+    if out.returncode != 0:
+        raise LaunchError(f"sbatch refused the side job {name}: {_last_line(out.stderr or out.stdout)}")
+    return out.stdout.strip().split(";")[0]
+
+
 # --- status / logs / cancel of a run directory ---------------------------------------------------------------
 def last_job_id(run_dir: Path) -> str:
     ids = (run_dir / "jobs.txt").read_text().split() if (run_dir / "jobs.txt").is_file() else []

@@ -10,8 +10,9 @@ Contract (``parallel.cp = N``; the checks are :func:`validate_context_parallel`)
 * **Positions and documents come from the global sequence.** Position ids are the data's (reset per document,
   sliced like the tokens) or, when the batch has none, the tokens' global indices; document ids are sliced
   and all-gathered once per forward. Documents may span chunk borders and are never padded: the attention
-  mask is a function of global indices and document ids only (:func:`context_mask`), so other sparsity
-  patterns can be ANDed onto it.
+  mask is a function of global indices and document ids only (:func:`context_mask`); a sparse pattern
+  (``model.sparse``) is ANDed onto it in global positions, and dynamic NTK RoPE reads the longest position over
+  the group (:meth:`ContextParallel.longest`).
 * **Attention** (``parallel.cp_comm``). ``all_gather``: each layer all-gathers the context group's keys and
   values (one collective for both) and attends its local queries to the whole sequence under the exact mask;
   the backward reduce-scatters ``dK``/``dV`` to their owners (:class:`_GatherSequence`). This is Llama 3's
@@ -56,9 +57,6 @@ def validate_context_parallel(cfg: Config) -> None:
     need(not p.sp or (seq // p.cp) % p.tp == 0,
          f"parallel.cp={p.cp} with parallel.sp and tp={p.tp} needs data.seq_length / cp = {seq / p.cp:g} "
          f"divisible by tp (sequence parallelism splits each rank's part further); change data.seq_length or tp")
-    need(not cfg.model.moe.enabled, f"parallel.cp={p.cp} with a Switch model (model.moe.num_experts > 0): the "
-                                    f"router's capacity and load-balancing loss are computed per sequence, not "
-                                    f"per chunk; use parallel.cp=1 (parallel.ep for the experts)")
     need(cfg.model.attention_backend != "flash_attn",
          f"parallel.cp={p.cp} with model.attention_backend=flash_attn: each rank's attention block takes an "
          f"explicit mask from global positions and document ids, which flash-attn cannot; use "
@@ -193,6 +191,26 @@ class ContextParallel:
     def positions(self, local_len: int, device: torch.device) -> torch.Tensor:
         """Global indices ``[1, local_len]`` of this rank's tokens (positions when the batch brings none)."""
         return chunk_index(self.rank, self.size, local_len, device)[None]
+
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        """Every context rank's ``x`` ``[batch, local, ...]`` as ``[batch, S, ...]`` in global token order (layers
+        that decide over the whole sequence: MoE capacity, dropping, aux losses); backward: reduce-scatter."""
+        if not self.enabled:
+            return x
+        order = torch.cat([chunk_index(r, self.size, x.shape[1]) for r in range(self.size)]).argsort()
+        return _GatherSequence.apply(x, 1, self.group).index_select(1, order.to(x.device))
+
+    def mine(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's tokens ``[batch, local, ...]`` of a whole-sequence ``x`` (the inverse of :meth:`whole`)."""
+        if not self.enabled:
+            return x
+        return x.index_select(1, chunk_index(self.rank, self.size, x.shape[1] // self.size, x.device))
+
+    def longest(self, pos: torch.Tensor) -> int:
+        """The largest of ``pos`` over the context group (dynamic NTK RoPE reads the whole sequence's)."""
+        top = pos.max().reshape(1)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
+        return int(top)
 
     def forward_state(self, local_len: int, document_ids: torch.Tensor | None, device: torch.device,
                       sparse=None) -> ContextAttention | None:

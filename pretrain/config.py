@@ -216,12 +216,20 @@ class CheckpointConfig:
     # eval_on_save_tasks; results land in the metrics tagged with the checkpoint's step (pretrain/eval_on_save.py)
     eval_on_save: bool = False
     eval_on_save_tasks: list = field(default_factory=list)  # task names or YAML paths (as train.eval_tasks)
+    # where the side job runs: auto (an sbatch job when training runs in a Slurm job, else a subprocess) | subprocess |
+    # sbatch
+    eval_on_save_launcher: str = "auto"
+    eval_on_save_sbatch: list = field(default_factory=list)  # extra sbatch options of the side job, e.g. [--gpus=1]
 
     def validate(self) -> None:
         need(self.interval >= 0 and self.keep_last >= 1,
              "checkpoint.interval must be >= 0 and checkpoint.keep_last >= 1")
         need(not self.eval_on_save or self.keep_last >= 2, "checkpoint.eval_on_save reads a checkpoint while "
              f"training goes on: set checkpoint.keep_last >= 2 (got {self.keep_last}) so it is not pruned meanwhile")
+        need(self.eval_on_save_launcher in ("auto", "subprocess", "sbatch"), "checkpoint.eval_on_save_launcher must "
+             f"be auto, subprocess or sbatch, got {self.eval_on_save_launcher!r}")
+        need(all(str(o).startswith("--") for o in self.eval_on_save_sbatch), "checkpoint.eval_on_save_sbatch takes "
+             f"sbatch options written --name=value, got {self.eval_on_save_sbatch}")
 
 
 @dataclass
@@ -307,13 +315,6 @@ class Config:
         sparse = getattr(self.model, "sparse", None)  # a sparse attention pattern (pretrain.models.patterns)
         problem = None if sparse is None else sparse.length_problem(self.data.seq_length)
         need(problem is None, str(problem))
-        need(sparse is None or not sparse.enabled or getattr(self.parallel, "cp", 1) == 1,
-             "model.sparse.pattern with parallel.cp > 1: sparse patterns do not split over context-parallel ranks "
-             "yet; use parallel.cp=1 or model.sparse.pattern=dense")
-        scaling = getattr(self.model, "rope_scaling", None)  # dynamic NTK reads the longest position of the forward
-        need(scaling is None or not scaling.dynamic or getattr(self.parallel, "cp", 1) == 1,
-             "model.rope_scaling.type=dynamic with parallel.cp > 1: each rank holds other positions; use "
-             "linear, yarn or llama3 scaling (fixed frequencies) for context-parallel training")
         need(not self.train.eval_tasks or bool(self.data.tokenizer),
              "train.eval_tasks needs data.tokenizer (the tasks' text is encoded with it)")
 

@@ -2,7 +2,8 @@
 
 When one is due the trainer stops like on a stop request: it saves a checkpoint (synchronously) and exits 75
 (:data:`pretrain.launch.preemption.PREEMPTED_EXIT_CODE`), so ``--resume auto`` continues exactly and the Slurm job
-script requeues the job. ``exit_at_step`` is the same on every rank and stops them all at that step.
+script requeues the job. ``exit_at_step`` is the same on every rank and stops them all at that step (once: a run resumed
+at or past it, e.g. the requeued job whose command still sets it, trains on).
 ``exit_after_minutes`` counts wall-clock minutes from the start of the process (imports, data and model building
 included: they count against a job's time limit too); each rank reads its own clock, so the stop travels as a
 stop request with the next step's numbers (every rank stops at the same step, one step later; a single process
@@ -51,7 +52,7 @@ class PlannedExit:
     def due(self, step: int, stop) -> bool:
         """True when this rank stops after ``step`` on its own (``exit_at_step``). When the time is up, asks
         ``stop`` (the trainer's :class:`~pretrain.trainer.StopFlag`) to stop, which every rank then agrees on."""
-        if self.exit_at_step is not None and step >= self.exit_at_step:
+        if step == self.exit_at_step:  # not >=: the requeued run, resumed at that step, goes on
             self._mark(stop, f"train.exit_at_step={self.exit_at_step}")
             return True
         minutes = (time.time() - self.started) / 60

@@ -4,7 +4,8 @@ Every MoE layer (:class:`~pretrain.models.moe.SwitchMLP`) sums over its training
 expert and its load-balancing loss, z-loss and dropped fraction. :meth:`ExpertBalance.after_step` gathers
 these sums of every layer of the model into one ``[layers, E + 4]`` table, all-reduced over the whole world in
 one collective (no host sync): pipeline ranks hold different layers, data and expert ranks route different
-tokens, tensor ranks route the same tokens (so the sum is divided by ``tp``; the counts are integers, exact).
+tokens, tensor ranks route the same tokens, and so do context ranks (each MoE layer gathers the whole sequence),
+so the sum is divided by ``tp x cp`` (the counts are integers, exact).
 With ``model.moe.bias_update_rate > 0`` and an applied step, each layer's selection bias then moves by
 ``rate * sign(mean load - load)`` (DeepSeek-V3): the same update on every rank and in every layout.
 :meth:`ExpertBalance.metrics` reads the last table (one host read) for the trainer's log row: per layer
@@ -34,7 +35,8 @@ class ExpertBalance:
         moe = getattr(engine.cfg.model, "moe", None)
         self.enabled = moe is not None and moe.enabled
         self.rate = moe.bias_update_rate if self.enabled else 0.0
-        self.tp = engine.mesh.layout.tp if engine.mesh is not None else 1
+        # tensor ranks, and context ranks (each routes the whole sequence), route the same tokens
+        self.tp = engine.mesh.layout.tp * engine.mesh.layout.cp if engine.mesh is not None else 1
         self.table: torch.Tensor | None = None
         self.layers: dict[str, SwitchMLP] = {}
         if not self.enabled:

@@ -366,7 +366,7 @@ class Trainer:
 
     def _save(self, background: bool = False) -> None:
         self._beat("checkpoint save")
-        self.side_evals.after_save(self.save(background))
+        self.side_evals.after_save(self.save(background), self.metrics)
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank if any rank's ``flag`` is (one collective and host read: not for every step; the

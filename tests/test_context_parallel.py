@@ -26,7 +26,6 @@ def config(parallel: dict, model: dict | None = None, seq: int = 64, family_mode
     ({"cp": 3}, {}, 64, 3, r"parallel.cp=3 needs data.seq_length \(64\) divisible by 2 x cp = 6"),
     ({"cp": 4}, {}, 36, 4, r"data.seq_length \(36\) divisible by 2 x cp = 8"),
     ({"cp": 2, "tp": 4, "sp": True}, {}, 36, 8, r"data.seq_length / cp = 18 divisible by tp"),
-    ({"cp": 2}, {"moe": {"num_experts": 4}}, 64, 2, r"parallel.cp=2 with a Switch model"),
     ({"cp": 2}, {"attention_backend": "flash_attn"}, 64, 2, r"attention_backend=auto"),
     ({"cp": 4}, {}, 64, 2, r"parallel.cp=4 must divide the data-parallel size 2"),
     ({"cp": 2}, {}, 64, 12, r"global_batch_size=8 must be a multiple of train.micro_batch_size x data-parallel "
@@ -49,6 +48,9 @@ def test_good_layouts_pass():
     for parallel, world in (({"cp": 2}, 2), ({"cp": 4}, 8), ({"cp": 2, "tp": 2, "sp": True, "zero": 3}, 8),
                             ({"cp": 2, "pp": 2}, 4)):
         check(config(parallel, {"num_layers": 2}), world, data=False)
+    # Switch / MoE: each MoE layer gathers the whole sequence (capacity decided over it; parity rows cp2 ep2)
+    for parallel, world in (({"cp": 2, "ep": 2}, 2), ({"cp": 2, "ep": 2, "tp": 2, "sp": True, "zero": 1}, 8)):
+        check(config(parallel, {"moe": {"num_experts": 4}}), world, data=False)
 
 
 def test_context_groups_are_consecutive_data_ranks():

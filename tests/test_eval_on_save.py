@@ -4,6 +4,8 @@ scoring the checkpoint directly."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -36,7 +38,23 @@ def test_each_save_is_evaluated_by_a_side_job(tmp_path, tiny_shard_prefix, tiny_
     assert direct and {k: rows[0][k] for k in direct} == direct
 
 
-def test_eval_on_save_needs_two_kept_checkpoints(tmp_path, tiny_shard_prefix, tiny_tokenizer):
-    with pytest.raises(ConfigError, match="checkpoint.keep_last >= 2"):
+@pytest.mark.parametrize("override, message", [
+    ("checkpoint.keep_last=1", "checkpoint.keep_last >= 2"),
+    ("checkpoint.eval_on_save_launcher=slurm", "must be auto, subprocess or sbatch, got 'slurm'"),
+    ("checkpoint.eval_on_save_sbatch=[gpus=1]", "sbatch options written --name=value")])
+def test_eval_on_save_settings_are_checked(override, message, tmp_path, tiny_shard_prefix, tiny_tokenizer):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         make_cfg("gpt_tiny.yaml", tmp_path, tiny_shard_prefix, tiny_tokenizer, "checkpoint.eval_on_save=true",
-                 "checkpoint.keep_last=1")
+                 override)
+
+
+def test_a_side_job_whose_checkpoint_was_pruned_fails_at_once(tmp_path):
+    """Training went on and pruned the checkpoint before the (queued, slow to start) side job read it."""
+    from pretrain.eval_on_save import _wait_published
+
+    (tmp_path / ckpt.LATEST).write_text("step_00000030")
+    with pytest.raises(FileNotFoundError, match="step_00000010 was pruned .*raise checkpoint.keep_last"):
+        _wait_published(tmp_path / "step_00000010", timeout_s=1)
+    (tmp_path / ckpt.LATEST).write_text("step_00000005")  # a background save of step 10 not published yet: waits
+    with pytest.raises(TimeoutError):
+        _wait_published(tmp_path / "step_00000010", timeout_s=0)

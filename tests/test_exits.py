@@ -48,7 +48,8 @@ def test_exit_at_step_saves_exits_75_and_resumes_exactly(tmp_path, tiny_shard_pr
     assert ckpt.resolve(cfg.checkpoint.dir).name == "step_00000002"
     stop_file.unlink()
     torch.manual_seed(5)
-    cfg = make_cfg("gpt_tiny.yaml", tmp_path / "split", tiny_shard_prefix, tiny_tokenizer, *SHORT)
+    cfg = make_cfg("gpt_tiny.yaml", tmp_path / "split", tiny_shard_prefix, tiny_tokenizer, *SHORT,
+                   "train.exit_at_step=2")  # the requeued job's command still sets it: the resumed run goes on
     trainer, code = run(cfg, resume="auto")
     assert code == EXIT_OK and trainer.step == 5
 

@@ -6,9 +6,9 @@ Checked per layout: per-step loss (relative difference <= 1e-5), per-step global
 sees the true norm; clipping is active: the norm exceeds ``clip_grad``) and the final parameters (gathered
 over tensor, pipeline and expert ranks). Layouts cover plain DP (DDP), DP with ZeRO 0-3, TP, TP+SP, PP 1F1B
 and interleaved (tied embeddings, Switch aux losses from an earlier stage), EP, EP x TP (+SP), their 4-rank
-combinations and DP2 x TP2 x PP2 on 8 ranks, context parallelism (CP2, CP4, with TP+SP, ZeRO-1/3 and PP, over
-packed documents too), for GPT-2 and Llama style GPT, T5, Switch-GPT, Switch-T5 and BERT / ModernBERT-style
-encoders; some resume from a mid-run engine state dict, one skips a NaN step.
+combinations and DP2 x TP2 x PP2 on 8 ranks, context parallelism (CP2, CP4, with TP+SP, ZeRO-1/3, PP and EP,
+over packed documents and sparse patterns too), for GPT-2 and Llama style GPT, T5, Switch-GPT, Switch-T5 and
+BERT / ModernBERT-style encoders; some resume from a mid-run engine state dict, one skips a NaN step.
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ MODELS = {
     "switch": {"family": "gpt", "flavour": "gpt2", "vocab_size": 128, "hidden_size": 32, "num_layers": 2,
                "num_heads": 4, "max_seq_len": SEQ,
                "moe": {"num_experts": 4, "capacity_factor_train": 1.0, "jitter": 0.0}},
+    # Switch-GPT over packed documents (context parallelism gathers each MoE layer's sequence in global order)
+    "switch_docs": {"family": "gpt", "flavour": "gpt2", "vocab_size": 128, "hidden_size": 32, "num_layers": 2,
+                    "num_heads": 4, "max_seq_len": SEQ, "document_masking": True,
+                    "moe": {"num_experts": 4, "capacity_factor_train": 1.0, "jitter": 0.0}},
     # four blocks, Switch in blocks 1 and 3 (earlier and last pipeline stage), tied head
     "switch_deep": {"family": "gpt", "flavour": "gpt2", "vocab_size": 128, "hidden_size": 32, "num_layers": 4,
                     "num_heads": 4, "max_seq_len": SEQ, "tie_embeddings": True,
@@ -50,6 +54,16 @@ MODELS = {
                   "num_heads": 4, "num_kv_heads": 2, "max_seq_len": SEQ, "document_masking": True},
     "llama_docs": {"family": "gpt", "flavour": "llama", "vocab_size": 128, "hidden_size": 32, "num_layers": 2,
                    "num_heads": 4, "ffn_hidden_size": 64, "max_seq_len": SEQ, "document_masking": True},
+    # sparse patterns (in global positions under CP): causal window + global tokens over documents, with dynamic
+    # NTK RoPE (the longest position of the micro-batch sets the base); BigBird's blocks (window, global, random)
+    "llama_window": {"family": "gpt", "flavour": "llama", "vocab_size": 128, "hidden_size": 32, "num_layers": 2,
+                     "num_heads": 4, "ffn_hidden_size": 64, "max_seq_len": SEQ, "document_masking": True,
+                     "sparse": {"pattern": "sliding_window", "window": 3, "global_tokens": 2},
+                     "rope_scaling": {"type": "dynamic", "factor": 4.0, "original_max_seq_len": 4}},
+    "gpt2_bigbird": {"family": "gpt", "flavour": "gpt2", "vocab_size": 128, "hidden_size": 32, "num_layers": 2,
+                     "num_heads": 4, "num_kv_heads": 2, "max_seq_len": SEQ,
+                     "sparse": {"pattern": "bigbird", "block_size": 2, "window_blocks": 1, "random_blocks": 1,
+                                "global_tokens": 2}},
     # top-2 of 4 small experts in every block, dropless, sigmoid scores, shared expert (gated), aux-loss-free bias
     "moe": {"family": "gpt", "flavour": "llama", "vocab_size": 128, "hidden_size": 32, "num_layers": 2,
             "num_heads": 4, "ffn_hidden_size": 64, "max_seq_len": SEQ,
@@ -276,6 +290,11 @@ LAYOUTS_2 = {
     "cp2 gpt2_docs": ("gpt2_docs", {"cp": 2}),  # documents spanning chunk borders
     "cp2 zero1 llama_docs resumed": ("llama_docs", {"cp": 2, "zero": 1}, True),
     "cp2 ring gpt2_docs": ("gpt2_docs", {"cp": 2, "cp_comm": "ring"}),  # K/V passed rank to rank
+    "cp2 llama_window": ("llama_window", {"cp": 2}),  # window + global tokens + documents + dynamic RoPE
+    "cp2 ring gpt2_bigbird": ("gpt2_bigbird", {"cp": 2, "cp_comm": "ring"}),  # BigBird blocks on the ring's tiles
+    "cp2 ep2 switch": ("switch", {"cp": 2, "ep": 2}),  # capacity and dropping decided over the whole sequence
+    "cp2 ep2 switch_docs": ("switch_docs", {"cp": 2, "ep": 2, "cp_comm": "ring"}),
+    "cp2 ep2 moe": ("moe", {"cp": 2, "ep": 2}),  # dropless top-2, shared gated expert, per-sequence aux, bias
 }
 LAYOUTS_4 = {
     "dp2 tp2 zero1 llama": ("llama", {"tp": 2, "zero": 1}),
@@ -309,6 +328,7 @@ LAYOUTS_4 = {
     "cp4 ring llama_docs": ("llama_docs", {"cp": 4, "cp_comm": "ring"}),  # masked tiles
     "cp4 ring llama": ("llama", {"cp": 4, "cp_comm": "ring"}),  # causal chunk pairs on SDPA's CPU flash kernel
     "cp2 tp2 sp ring gpt2": ("gpt2", {"cp": 2, "tp": 2, "sp": True, "cp_comm": "ring"}),
+    "cp2 ep2 tp2 sp switch_docs": ("switch_docs", {"cp": 2, "ep": 2, "tp": 2, "sp": True}),  # SP, then CP gather
 }
 
 LAYOUTS_8 = {

@@ -1,5 +1,5 @@
 """Proof of :mod:`pretrain.plan.memory` on this CPU: predicted vs measured peak memory per rank (activations
-included) for tiny GPT, T5 and Switch models over 14 layouts, each within 10 %.
+included) for tiny GPT, T5 and Switch models over 19 layouts, each within 10 %.
 
 Measured with the CPU allocator's events (:mod:`pretrain.plan.measure`); predicted is the planner's total less
 its GPU overhead constant (no CUDA context here), as trained on a CPU (``model_shape(cpu=True)``). DeepSpeed
@@ -36,16 +36,16 @@ TWO_RANKS = [
     ("gpt zero3", GPT, {"zero": 3}, 4, "none"),
     ("t5 dp2", T5, {}, 4, "none"),
     ("t5 zero2", T5, {"zero": 2}, 4, "none"),
-]
-GAPS = [  # off by more than 7 % in some run: not asserted (docs/planning.md, "Accuracy")
-    ("gpt tp2", GPT, {"tp": 2}, 4, "none"),  # -7 .. +7 % over five runs (timing-dependent buffers)
-    ("switch ep2", SWITCH, {"ep": 2, "zero": 1}, 4, "none"),  # +2 .. +9 %
+    ("gpt tp2", GPT, {"tp": 2}, 4, "none"),
     ("gpt tp2 sp", GPT, {"tp": 2, "sp": True}, 4, "none"),
     ("gpt pp2x2", GPT, {"pp": 2, "vpp": 2}, 2, "none"),
-    ("t5 tp2 ckpt", T5, {"tp": 2}, 4, "full"),
-    ("t5 pp2", T5, {"pp": 2}, 2, "none"),
-    ("switch dp2", SWITCH, {}, 4, "none"),
+    ("switch ep2", SWITCH, {"ep": 2, "zero": 1}, 4, "none"),
     ("switch tp2 ckpt", SWITCH, {"tp": 2}, 4, "full"),
+]
+GAPS = [  # off by more than 10 %, or too close to it in some runs: not asserted (docs/planning.md, "Accuracy")
+    ("t5 pp2", T5, {"pp": 2}, 2, "none"),  # rank 0 peaks inside the math-path attention's forward (-11 %)
+    ("t5 tp2 ckpt", T5, {"tp": 2}, 4, "full"),  # -0.1 .. -9.7 %: an unseen free the measurement cannot place
+    ("switch dp2", SWITCH, {}, 4, "none"),  # -0.6 or -8.7 %: DDP's start-up broadcast copy, freed unseen
 ]
 
 
@@ -99,3 +99,34 @@ def test_two_rank_peaks_within_10_percent():
     ranks = run_distributed("tests.test_plan_measure:measure_all", 2, {"layouts": TWO_RANKS}, timeout=600)
     assert len(SINGLE) + len(TWO_RANKS) >= 10
     _within([(name, rank, *ranks[rank][name]) for name, *_ in TWO_RANKS for rank in range(2)])
+
+
+def _node(name, start, end, parent=None, ptr=0, size=0):
+    """A stand-in for a profiler tree node: an operation (``size`` 0) or an allocation event."""
+    from types import SimpleNamespace
+
+    from torch._C._profiler import _EventType
+
+    tag = _EventType.Allocation if size else _EventType.TorchOp
+    node = SimpleNamespace(name=name, start_time_ns=start, end_time_ns=end, parent=parent, children=[], tag=tag,
+                           extra_fields=SimpleNamespace(ptr=ptr, alloc_size=size))
+    if parent is not None:
+        parent.children.append(node)
+    return node
+
+
+def test_unseen_frees_close_at_their_operation_end():
+    """A gloo worker thread's free is not recorded: the block is closed when the operation that allocated it
+    ends (or when its address is allocated again), so it does not add to later peaks."""
+    from pretrain.plan.measure import peak_bytes
+
+    window = _node("pretrain.plan.steps", 0, 100)
+    gather = _node("_GatherFromSequence", 10, 20, window)
+    _node("[memory]", 11, 11, gather, ptr=1, size=400)  # never freed on our thread
+    later = _node("aten::mm", 30, 40, window)
+    _node("[memory]", 31, 31, later, ptr=2, size=100)
+    _node("[memory]", 35, 35, later, ptr=2, size=-100)
+    reuse = _node("aten::mm", 50, 60, window)
+    _node("[memory]", 12, 12, gather, ptr=3, size=50)  # freed unseen; its address is handed out again at 51
+    _node("[memory]", 51, 51, reuse, ptr=3, size=70)
+    assert peak_bytes([window], "pretrain.plan.steps") == 450  # counted as live for good: 550 at time 31

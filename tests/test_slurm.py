@@ -48,11 +48,14 @@ def _train_args(shard: str, tokenizer: Path, ckpt: Path) -> list[str]:
             f"checkpoint.dir={ckpt}", "checkpoint.interval=10", "logging.interval=1", "logging.tensorboard=false"]
 
 
+def _records(ckpt: Path) -> list[dict]:
+    path = ckpt / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
 def _losses(ckpt: Path) -> dict[int, float]:
     """step -> loss from metrics.jsonl (a resumed run appends; the last record of a step wins)."""
-    path = ckpt / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return {r["step"]: r["loss"] for r in _records(ckpt) if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -105,44 +108,74 @@ def _assert_same_losses(got: dict[int, float], want: dict[int, float]) -> float:
 
 @pytest.mark.slurm
 def test_two_node_job_matches_local_run(slurm_cluster, data, reference, tmp_path):
-    t0 = time.monotonic()
-    job_id = _submit(tmp_path, _train_args(*data, tmp_path / "ckpt"))
+    """Also eval on save: each evaluation is an sbatch job of its own (``--cpus-per-task 1`` leaves a CPU per node
+    free for it), whose results come back into the run's metrics and TensorBoard tagged with the step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    t0, ckpt = time.monotonic(), tmp_path / "ckpt"
+    args = [*_train_args(*data, ckpt), "checkpoint.eval_on_save=true", "checkpoint.keep_last=6",  # none pruned
+            "logging.tensorboard=true"]
+    job_id = _submit(tmp_path, args, "--cpus-per-task", "1")
     [info] = wait(job_id, 300)
     log = _log(tmp_path, job_id)
     assert info["JobState"] == "COMPLETED", log[-4000:]
     assert "2 nodes x 2 ranks = 4 ranks, one torchrun agent per node" in log
     assert re.search(r"rank 0/4 .* via torchrun", log)
-    worst = _assert_same_losses(_losses(tmp_path / "ckpt"), reference)
-    print(f"2x2 job {job_id}: {time.monotonic() - t0:.1f} s, max |loss diff| vs one process {worst:.2e}")
+    worst = _assert_same_losses(_losses(ckpt), reference)
+    evals = dict(re.findall(r"eval on save: Slurm job (\d+) evaluates step_(\d+)", log))
+    assert evals, log[-4000:]
+    for eval_job, step in evals.items():
+        assert job_info(eval_job)["JobState"] == "COMPLETED" and job_info(eval_job)["JobName"] == f"eval-step_{step}"
+    rows = {r["step"]: r for r in _records(ckpt) if "eval_on_save/seconds" in r}
+    assert sorted(rows) == sorted(int(step) for step in evals.values())  # every side job's row, tagged with its step
+    assert all(r["eval_on_save/logit_max_abs_diff"] < 1e-4 for r in rows.values())
+    board = EventAccumulator(str(ckpt / "tensorboard"))
+    board.Reload()
+    assert [e.step for e in board.Scalars("train/eval_on_save/logit_max_abs_diff")] == sorted(rows)
+    print(f"2x2 job {job_id}: {time.monotonic() - t0:.1f} s, max |loss diff| vs one process {worst:.2e}; "
+          f"{len(rows)} eval-on-save sbatch jobs (steps {sorted(rows)})")
 
 
-@pytest.mark.slurm
-def test_preempted_job_requeues_and_resumes(slurm_cluster, data, reference, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    job_id = _submit(tmp_path, _train_args(*data, ckpt), "--requeue-limit", "2", "--no-check")
-    _wait_for_step(ckpt, job_id, 3)
-    # what Slurm sends --signal-seconds before the time limit (--signal=B:USR1@S): USR1 to the batch shell
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
-    deadline = time.monotonic() + 120
-    while not (job_info(job_id).get("Restarts", "0") != "0" and job_info(job_id).get("JobState") == "PENDING"):
+def _release_requeued(run_dir: Path, job_id: str, restarts: int) -> None:
+    """Wait until the job is requeued for the ``restarts``-th time, then let it start again at once."""
+    deadline = time.monotonic() + 180
+    while not (job_info(job_id).get("Restarts") == str(restarts) and job_info(job_id).get("JobState") == "PENDING"):
         assert time.monotonic() < deadline, f"job {job_id} was not requeued: {job_info(job_id)}"
-        assert job_info(job_id).get("JobState") not in ("COMPLETED", "FAILED"), _log(tmp_path, job_id)[-4000:]
+        assert job_info(job_id).get("JobState") not in ("COMPLETED", "FAILED"), _log(run_dir, job_id)[-4000:]
         time.sleep(0.2)
     # skip Slurm's 2-minute hold of a requeued job, but not within the second of the requeue: slurmd refuses a
     # launch credential issued in the same second as the revoked one ("Job credential revoked")
     time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+
+
+@pytest.mark.slurm
+def test_preempted_job_requeues_and_resumes(slurm_cluster, data, reference, tmp_path):
+    """Two stops in one job: a planned exit (``train.exit_at_step``: exit 75 and the stop file, no signal), then
+    Slurm's time-limit warning (SIGUSR1); each is requeued and resumes exactly. ``--exit-before-time`` reaches the
+    trainer as ``train.exit_after_minutes`` (--time 60 minus 50 minutes: not due in this test)."""
+    ckpt = tmp_path / "ckpt"
+    job_id = _submit(tmp_path, [*_train_args(*data, ckpt), "train.exit_at_step=3"], "--requeue-limit", "2",
+                     "--time", "60", "--exit-before-time", "50", "--no-check")
+    assert "train.exit_at_step=3 --resume auto train.exit_after_minutes=10.0" in (tmp_path / "job.sbatch").read_text()
+    assert job_info(job_id)["TimeLimit"] == "01:00:00"
+    _release_requeued(tmp_path, job_id, 1)  # the planned exit at step 3
+    _wait_for_step(ckpt, job_id, 5)  # the requeued run, resumed at step 3, trains on past it
+    # what Slurm sends --signal-seconds before the time limit (--signal=B:USR1@S): USR1 to the batch shell
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    _release_requeued(tmp_path, job_id, 2)
     [info] = wait(job_id, 300)
     log = _log(tmp_path, job_id)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-4000:]
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", log[-4000:]
+    assert "stop requested (train.exit_at_step=3): checkpoint at step 3" in log
     assert "time-limit warning (SIGUSR1)" in log and "requeueing job" in log
-    assert re.search(r"node n[12] \(node rank \d\) stopped on request", log)
+    assert len(re.findall(r"node n[12] \(node rank \d\) stopped on request", log)) >= 2  # both stops, both nodes
     stop_step = int(re.search(r"stop requested \(stop file .*\): checkpoint at step (\d+)", log).group(1))
-    resumed = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
-    assert resumed == stop_step and 3 <= stop_step < STEPS
-    assert "(restart 1)" in log
+    resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", log)]
+    assert resumed == [3, stop_step] and 5 <= stop_step < STEPS
+    assert "(restart 1)" in log and "(restart 2)" in log
     worst = _assert_same_losses(_losses(ckpt), reference)
-    print(f"preempted at step {stop_step}, resumed there; max |loss diff| {worst:.2e}")
+    print(f"exit at step 3 and preempted at step {stop_step}, resumed both times; max |loss diff| {worst:.2e}")
 
 
 def _rank_pid(job_id: str, rank: int) -> int | None:

@@ -26,6 +26,8 @@ Under tensor parallelism the routed experts are not split (Megatron's expert-ten
 tensor rank holds the same experts and routes the same tokens; the shared expert is a tensor-parallel dense MLP.
 With sequence parallelism the layer first gathers the sequence shards (``factory.gather_sequence``) so capacity
 and dropping are decided over the whole micro-batch, as in one process, and hands back this rank's shard.
+Under context parallelism it likewise gathers the context group's chunks in global token order (``factory.cp``),
+so routing, capacity, dropping and the aux losses are one process's, and keeps this rank's tokens' outputs.
 """
 
 from __future__ import annotations
@@ -191,7 +193,7 @@ class SwitchMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         local = x
-        x = self.factory.gather_sequence(x)  # the whole micro-batch under sequence parallelism
+        x = self._whole(self.factory.gather_sequence(x))  # the whole micro-batch under sequence/context parallelism
         cfg, shape = self.cfg, x.shape
         e, k = cfg.num_experts, cfg.top_k
         x = x.reshape(-1, shape[-1])
@@ -211,8 +213,16 @@ class SwitchMLP(nn.Module):
         aux = {"load_balance_loss": balance_loss(scores, expert, cfg.score, cfg.aux_loss_scope, batch_shape),
                "z_loss": z_loss(logits), "drop_frac": dropped.detach()}
         self._record(expert, aux)
-        y = self.factory.scatter_sequence(y.view(shape))
+        y = self.factory.scatter_sequence(self._mine(y.view(shape)))
         return (y if self.shared is None else y + self._shared(local, x, shape)), aux
+
+    def _whole(self, x: torch.Tensor) -> torch.Tensor:
+        """Under context parallelism: the context group's tokens in global order (``factory.cp``)."""
+        return x if self.factory.cp is None else self.factory.cp.whole(x)
+
+    def _mine(self, y: torch.Tensor) -> torch.Tensor:
+        """This context rank's tokens of a whole-sequence ``y`` (the inverse of :meth:`_whole`)."""
+        return y if self.factory.cp is None else self.factory.cp.mine(y)
 
     def _shared(self, local: torch.Tensor, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """The shared expert on this rank's tokens, gated on the gathered ones (identical on tensor ranks)."""
@@ -220,7 +230,7 @@ class SwitchMLP(nn.Module):
         if self.shared_gate is None:
             return out
         gate = torch.sigmoid(F.linear(x, self.shared_gate.to(x.dtype))).view(*shape[:-1], 1)
-        return out * self.factory.scatter_sequence(gate)
+        return out * self.factory.scatter_sequence(self._mine(gate))
 
     @torch.no_grad()
     def _record(self, expert: torch.Tensor, aux: dict[str, torch.Tensor]) -> None:

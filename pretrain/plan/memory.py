@@ -14,10 +14,19 @@ states (the same rule as :func:`pretrain.engines.build_engine`):
   ``benchmarks/memory_report.py`` measures: weights ``4P`` (``4P/d`` ZeRO-3), gradients ``4P`` (ZeRO-0/1)
   or ``4P/d``, masters ``4P/d`` (ZeRO-1/2), moments ``8P`` or ``8P/d``, ZeRO-3 gathers ``8L``. ZeRO 1-3
   allocate their gradient reduction bucket whole: ``reduce_bucket_size`` (5e8) elements of the gradient type
-  (1 GB in bf16), whatever the model's size; ZeRO-0 all-reduces flattened copies (``2 x`` the gradients).
+  (1 GB in bf16), whatever the model's size; ZeRO-0 all-reduces a flattened copy of the fp32 gradients
+  (``allreduce_bucket``), ``4P`` when ``d > 1``.
 * Our engines (plain DDP, pipelines, expert parallelism): fp32 weights and gradients ``4P`` each, moments
-  ``8P`` (ZeRO-1: dense ``8P/d``, experts ``8P/(d/ep)``), the gradient all-reduce's flattened copies (``2 x``
-  the gradients, when there is a reduction); bf16 autocast adds the cast weights (``2P``).
+  ``8P`` (ZeRO-1: dense ``8P/d``, experts ``8P/(d/ep)``), the gradient all-reduce's flattened copy
+  (``_all_reduce_grads``: ``4P`` of the dense gradients when ``d > 1``, of the expert ones when ``d/ep > 1``);
+  bf16 autocast adds the cast weights (``2P``). Plain data parallelism is torch's DDP
+  (``gradient_as_bucket_view``): its buckets, ``4P``, live for good; the gradients are views of them, except
+  that the micro-batches accumulated under ``no_sync`` build their own gradient tensors until the last
+  backward copies them in: with more than one micro-batch the gradients are held twice (bucket ``4P`` in
+  buffers).
+
+The flattened gradient copy exists only after the last micro-batch's backward, when every activation and
+workspace buffer is already freed: it adds to the peak only by what it exceeds them by (``max``, not a sum).
 
 Activations: :mod:`pretrain.plan.shapes` elements per sample x micro-batch x bytes per element (2 under bf16
 autocast, 4 in fp32) x the micro-batches a pipeline stage keeps in flight: ``min(pp - stage, m)`` for 1F1B,
@@ -26,10 +35,17 @@ autocast, 4 in fp32) x the micro-batches a pipeline stage keeps in flight: ``min
 Checkpointed blocks keep only their input. Workspace: the larger of one block's backward (its recomputed
 activations when checkpointed, plus ``backward_extra``) and, on the last stage, the LM loss (fused fp32 loss:
 the ``[tokens, vocab]`` gradient, 4 bytes each; otherwise logits, log-probabilities and their gradient, 12
-bytes): the loss's buffers are freed before the blocks' backward. Buffers: ZeRO buckets and gathers, the
+bytes; a pipeline's last stage outputs the logits and its schedule's loss is torch's plain cross-entropy, whose
+backward also holds the log-probabilities' gradient and an autograd buffer: 20 bytes): the loss's buffers are
+freed before the blocks' backward. Buffers: ZeRO buckets and gathers, the
 all-reduce copies, autocast weight copies, the expert-parallel all-to-all send and receive buffers
-(``2 cf tokens d``) and pipeline send/receive buffers. Overhead: a stated constant per rank (CUDA context,
-NCCL channels, allocator fragmentation).
+(``2 cf tokens d``) and the pipeline schedule's receive buffers: ``torch.distributed.pipelining`` allocates
+one per micro-batch for each local stage's incoming activations (all but the first stage) and incoming
+gradients (all but the last) when the schedule starts, and keeps them (``m`` messages each; a message is a
+micro-batch's hidden states, T5's encoder and decoder states together). The interleaved schedule
+(``_PipelineScheduleRuntime``) also waits for its sends only at the end of the step, so the tensors it sent
+stay alive: as many again, counted whole (an upper bound: at the peak part of them are not sent yet).
+Overhead: a stated constant per rank (CUDA context, NCCL channels, allocator fragmentation).
 """
 
 from __future__ import annotations
@@ -103,17 +119,20 @@ def in_flight(pp: int, vpp: int, stage: int, micro_batches: int) -> float:
     return min(2 * (pp - 1 - stage) + (vpp - 1) * pp + 1, micro_batches * vpp) / vpp
 
 
-def _model_states(m: Memory, cfg: Config, dense: float, experts: float, largest: float, dp: int) -> None:
+def _model_states(m: Memory, cfg: Config, dense: float, experts: float, largest: float, dp: int,
+                  micro_batches: int) -> float:
+    """Fill ``m``'s model states and persistent buffers; return the bytes of the flattened gradient copy the
+    step's all-reduce makes after the backward passes."""
     p, bf16 = cfg.parallel, cfg.train.precision == "bf16"
     total = dense + experts
-    kind = engine_kind(cfg)
-    if kind != "deepspeed":
+    if engine_kind(cfg) != "deepspeed":
         m.weights, m.grads = 4 * total, 4 * total
         m.optimizer = 8 * (dense / dp + experts / max(dp // p.ep, 1)) if p.zero else 8 * total
         m.buffers += 2 * total if bf16 else 0  # autocast's bf16 copies of the weights
-        if kind != "local" or dp > 1:
-            m.buffers += 2 * m.grads  # the gradient all-reduce's flat copies
-        return
+        if engine_kind(cfg) == "local":  # DDP's buckets, beside the gradients accumulated under no_sync
+            m.buffers += 4 * total if dp > 1 and micro_batches > 1 else 0
+            return 0.0
+        return 4 * (dense * (dp > 1) + experts * (dp // p.ep > 1))
     z, d = p.zero, dp if p.zero else 1
     if bf16:
         m.weights = 2 * total / (d if z == 3 else 1)
@@ -136,8 +155,8 @@ def _model_states(m: Memory, cfg: Config, dense: float, experts: float, largest:
     m.buffers += m.zero3_gather
     if z:  # the gradient bucket ZeRO reduces through (contiguous_gradients), allocated whole whatever the model
         m.buffers += DEEPSPEED_REDUCE_BUCKET * (2 if bf16 else 4)
-    else:  # ZeRO-0 all-reduces flattened copies of the gradients
-        m.buffers += 2 * m.grads
+        return 0.0
+    return 4 * total if dp > 1 and not p.offload_optimizer else 0.0  # ZeRO-0: a flat fp32 copy of the gradients
 
 
 def _activations(cfg: Config, parts: list[tuple[int, Part]], tp: int, sp: bool) -> tuple[float, float]:
@@ -170,22 +189,28 @@ def stage_memory(cfg: Config, world_size: int, stage: int, shape: Shape | None =
     dense = sum(part.tp / p.tp + part.rep for _, part in parts)
     experts = sum(part.expert for _, part in parts) / p.ep
     largest = max(part.largest for _, part in parts) / p.tp
-    _model_states(m, cfg, dense, experts, largest, dp)
+    reduce = _model_states(m, cfg, dense, experts, largest, dp, micro_batches)
     act_bytes = 2 if t.precision == "bf16" else 4
     saved, backward = _activations(cfg, parts, p.tp, p.sp)
     samples = t.micro_batch_size / cp
     m.activations = act_bytes * samples * saved * in_flight(p.pp, p.vpp, stage, micro_batches)
     loss = 0.0
     if stage == p.pp - 1:
-        fused = t.precision == "fp32" and p.tp == 1 and not t.compile and p.zero < 3
-        loss = (4 if fused else 12) * samples * shape.loss_tokens * shape.vocab / p.tp
+        fused = t.precision == "fp32" and p.tp == 1 and not t.compile and p.zero < 3 and p.pp == 1
+        per_logit = 4 if fused else 20 if p.pp > 1 else 12
+        loss = per_logit * samples * shape.loss_tokens * shape.vocab / p.tp
     m.workspace = max(loss, act_bytes * samples * backward)  # the loss's buffers are gone before blocks' backward
     moe = cfg.model.moe
     if p.ep > 1 and any(part.expert for _, part in parts):
         tokens = samples * shape.loss_tokens
         m.buffers += 2 * act_bytes * moe.capacity_factor_train * tokens * shape.hidden
-    if p.pp > 1:
-        m.buffers += 2 * act_bytes * samples * shape.loss_tokens * shape.hidden / (p.tp if p.sp else 1)
+    if p.pp > 1:  # the schedule's receive buffers, one per micro-batch and local stage, kept all along
+        message = act_bytes * samples * (shape.boundary_tokens or shape.loss_tokens) * shape.hidden
+        chunks = [chunk * p.pp + stage for chunk in range(p.vpp)]
+        ends = sum((g > 0) + (g < p.pp * p.vpp - 1) for g in chunks)  # activations in, gradients in
+        held = 2 if p.vpp > 1 else 1  # the interleaved (runtime) schedule also keeps what it sent to the end
+        m.buffers += held * ends * micro_batches * message / (p.tp if p.sp else 1)
+    m.buffers += max(0.0, reduce - m.activations - m.workspace)  # after the backward passes: instead of them
     return m
 
 

@@ -77,6 +77,7 @@ class Shape:
     vocab: int
     loss_tokens: int  # tokens per sample that reach the LM head
     tied_copy: int = 0  # parameters of the embedding a last pipeline stage keeps for a tied head
+    boundary_tokens: int = 0  # hidden states per sample sent between pipeline stages (0: loss_tokens)
 
     @property
     def params(self) -> int:
@@ -173,7 +174,8 @@ def t5_shape(cfg: T5Config, enc: int, dec: int, cpu: bool = False) -> Shape:
     head = 0 if cfg.tie_embeddings else vd
     post = _add(Part(tp=head, largest=head, act_rep=d * (enc + dec)), _norms(1, d, False, enc),
                 _norms(1, d, False, dec))
-    return Shape(pre, blocks, post, d, cfg.vocab_size, dec, tied_copy=vd if cfg.tie_embeddings else 0)
+    return Shape(pre, blocks, post, d, cfg.vocab_size, dec, tied_copy=vd if cfg.tie_embeddings else 0,
+                 boundary_tokens=enc + dec)  # encoder and decoder states travel together
 
 
 def model_shape(cfg: Any, cpu: bool = False) -> Shape:

@@ -182,9 +182,11 @@ class GPT(nn.Module):
         """cos and signed sin ``[batch or 1, seq, 1, 1, head_dim]`` at positions ``pos``; dynamic NTK scaling
         recomputes the tables when the longest position passes the original context (one host sync)."""
         cos, sin, scaling = self.rope_cos, self.rope_sin, self.cfg.rope_scaling
-        if scaling.dynamic and int(pos.max()) + 1 > scaling.original_max_seq_len:
+        cp = self.factory.cp  # under context parallelism: the longest position of the whole sequence
+        top = (cp.longest(pos) if cp is not None and cp.enabled else int(pos.max())) if scaling.dynamic else 0
+        if scaling.dynamic and top + 1 > scaling.original_max_seq_len:
             cos, sin = (t.to(pos.device) for t in rope_tables(self.cfg.head_dim, self.cfg.max_seq_len,
-                                                               self.cfg.rope_theta, scaling, int(pos.max()) + 1))
+                                                               self.cfg.rope_theta, scaling, top + 1))
         return cos[pos][:, :, None, None], sin[pos][:, :, None, None]
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
