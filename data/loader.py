@@ -29,7 +29,8 @@ The config is a mapping (or ``pretrain.config.DataConfig``) with these keys; onl
 
 Entries of ``train`` may also be raw text (``.jsonl[.gz]``, ``.parquet``, globs, ``save_to_disk``
 directories, fsspec URLs; :mod:`pretrain.data.raw_source`): it is then tokenized while training, in
-``num_workers`` processes, and blended with any shards by weight (:mod:`pretrain.data.stream_loader`).
+``num_workers`` processes, and blended with any shards by weight (:mod:`pretrain.data.stream_loader`); every
+kind streams (masked LM without ``sentence_pairs=nsp``, whose random second segment needs a shard).
 
 Documents are always separated by EOD: shards written without ``--append-eod`` (``PREFIX.json`` says so) get
 a virtual EOD after every document at read time.
@@ -50,7 +51,7 @@ from pretrain.data.blend import BlendedDataset, samples_per_dataset, split_docum
 from pretrain.data.gpt_dataset import GPTDataset
 from pretrain.data.indexed import IndexedDataset
 from pretrain.data.metadata import meta_path, read_metadata, verify_tokenizer
-from pretrain.data.mlm_dataset import MLMDataset
+from pretrain.data.mlm_dataset import NSP_FROM_STREAM, MLMDataset, MLMMasking, masking_options
 from pretrain.data.raw_source import cached_units, expand_source, is_raw_source
 from pretrain.data.sampler import DataParallelSampler
 from pretrain.data.stream_dataset import Packing, SourceSpec
@@ -147,9 +148,8 @@ def _build(kind: str, cfg: dict, tokenizer: Tokenizer, prefixes: list[str], weig
 def _build_stream(kind: str, cfg: dict, tokenizer: Tokenizer, entries: list[str], weights: list[float] | None,
                   num_samples: int, cache_dir: Path) -> StreamTrainData:
     """Training data with raw sources, tokenized while training; shard entries take all their documents."""
-    if kind not in ("gpt", "t5"):
-        raise ValueError(f"data.train: raw sources stream GPT and T5 samples, not {kind!r}; prepare shards with "
-                         f"`pretrain prepare` for this model family")
+    if kind == "mlm" and cfg["sentence_pairs"] == "nsp":
+        raise ValueError(NSP_FROM_STREAM)
     if len(entries) > 1 and weights is None:
         raise ValueError(f"data.train: {len(entries)} entries with raw sources need weights, e.g. "
                          f"[0.7, {entries[0]!r}, 0.3, {entries[1]!r}] (raw text has no token count before reading)")
@@ -166,12 +166,16 @@ def _build_stream(kind: str, cfg: dict, tokenizer: Tokenizer, entries: list[str]
                                               min_units=4 * cfg["stream_lanes"])
         datasets.append(SourceSpec(entry, units, cfg["stream_lanes"], cfg["seed"], cfg["stream_shuffle"],
                                    cfg["text_key"], cfg["strict"]))
-    corruption = None if kind == "gpt" else SpanCorruption(
+    corruption = None if kind != "t5" else SpanCorruption(
         cfg["seq_length"], cfg["seed"], sentinel_ids=tokenizer.sentinel_ids, eos_id=tokenizer.eos_id,
         pad_id=tokenizer.pad_id, noise_density=cfg["noise_density"], mean_noise_span_length=cfg["mean_span_length"],
         decoder_len=cfg["decoder_seq_length"])
+    masking = None if kind != "mlm" else MLMMasking(cfg["seq_length"], cfg["seed"], mask_rate=cfg["mask_rate"],
+                                                    **masking_options(tokenizer, cfg["mask_token"],
+                                                                      cfg["whole_word_mask"], cfg["sentence_pairs"],
+                                                                      cfg["document_mask"]))
     packing = Packing(kind, cfg["seq_length"], tokenizer.eod_id, cfg["eod_mask_loss"], cfg["document_mask"],
-                      corruption)
+                      corruption, masking)
     return StreamTrainData(datasets, weights, num_samples, tokenizer, packing, fingerprints, collate)
 
 

@@ -16,6 +16,10 @@ padding: every sample is full, so there is no ``attention_mask``, and ``token_ty
 (the models' default). With sentence pairs (``pairs``: "nsp" for BERT's next-sentence prediction, "sop" for
 ALBERT's sentence-order prediction) a sample is ``[CLS] A [SEP] B [SEP]`` with ``token_type_ids`` and a
 ``next_sentence_label`` (:meth:`MLMMasking.pair`).
+
+Raw-text streams (:mod:`pretrain.data.stream_dataset`) cut their chunks from a lane's token stream instead of a
+shard and mask them with the same :class:`MLMMasking` (built from :func:`masking_options`), sample index
+``m * lanes + lane``; next-sentence pairs need a second, random chunk and are shard-only.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ MASK_TOKENS = ("[MASK]", MASK_TOKEN)  # BERT's and RoBERTa's spellings, first fo
 CLS_TOKENS, SEP_TOKENS = ("[CLS]",), ("[SEP]",)  # else the tokenizer's BOS / EOS
 SP_WORD_START, BYTE_BPE_WORD_START = "\u2581", "\u0120"  # word-start prefixes: sentencepiece, byte-level BPE
 WORDPIECE_CONTINUATION = "##"
+NSP_FROM_STREAM = ("data.sentence_pairs=nsp with a raw-text source in data.train: next-sentence pairs draw their "
+                   "random B from the whole shard, which a stream does not have; use data.sentence_pairs=sop or "
+                   "none, or prepare shards with `pretrain prepare`")
 
 
 def special_ids(tokenizer: Tokenizer, mask_token: str | None = None) -> dict[str, int]:
@@ -67,6 +74,20 @@ def word_starts(tokenizer: Tokenizer) -> np.ndarray:
     if any(n.startswith(BYTE_BPE_WORD_START) for n in names):  # byte-level BPE (GPT-2, RoBERTa): "Ġ" starts words
         return np.array([n.startswith(BYTE_BPE_WORD_START) or not n[:1].isalnum() for n in names])
     return np.array([not n.startswith(WORDPIECE_CONTINUATION) for n in names])
+
+
+def masking_options(tokenizer: Tokenizer, mask_token: str | None = None, whole_word: bool = False,
+                    pairs: str = "none", document_masking: bool = False) -> dict:
+    """The :class:`MLMMasking` keyword arguments that come from ``tokenizer`` and the data options (shards and
+    raw-text streams build their masking from the same place); :class:`ConfigError` for a vocabulary without
+    a mask token or document masking with sentence pairs."""
+    if document_masking and pairs != "none":
+        raise ConfigError(f"data.document_mask=true with data.sentence_pairs={pairs}: a pair is cut from one "
+                          f"chunk regardless of documents; use one of the two")
+    ids = special_ids(tokenizer, mask_token)
+    return dict(vocab_size=tokenizer.vocab_size, cls_id=ids["cls"], sep_id=ids["sep"], mask_id=ids["mask"],
+                special=(tokenizer.eod_id, tokenizer.pad_id), pairs=pairs,
+                word_start=word_starts(tokenizer) if whole_word else None)
 
 
 class MLMMasking:
@@ -169,14 +190,9 @@ class MLMDataset(MLMMasking):
                  seed: int, *, tokenizer: Tokenizer, mask_rate: float = 0.15, mask_token: str | None = None,
                  whole_word: bool = False, pairs: str = "none", document_masking: bool = False,
                  add_eod: bool = False, cache_dir: str | Path | None = None):
-        if document_masking and pairs != "none":
-            raise ConfigError(f"data.document_mask=true with data.sentence_pairs={pairs}: a pair is cut from one "
-                              f"chunk regardless of documents; use one of the two")
         self.document_masking = document_masking
-        ids = special_ids(tokenizer, mask_token)
-        super().__init__(seq_len, seed, vocab_size=tokenizer.vocab_size, cls_id=ids["cls"], sep_id=ids["sep"],
-                         mask_id=ids["mask"], mask_rate=mask_rate, special=(tokenizer.eod_id, tokenizer.pad_id),
-                         word_start=word_starts(tokenizer) if whole_word else None, pairs=pairs)
+        super().__init__(seq_len, seed, mask_rate=mask_rate,
+                         **masking_options(tokenizer, mask_token, whole_word, pairs, document_masking))
         self.chunks = GPTDataset(indexed, documents, num_samples, self.chunk_len, seed, tokenizer.eod_id,
                                  add_eod=add_eod, extra_token=0, cache_dir=cache_dir)
 

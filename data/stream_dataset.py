@@ -9,8 +9,10 @@ records of unit ``u`` in ``default_rng([seed, e, u]).permutation(n)`` (shard-lev
 Packing. A lane's documents, each followed by EOD, form one token stream; GPT sample ``m`` of the lane is the
 ``seq_len + 1`` tokens starting at token ``m * seq_len`` (Megatron's windows: consecutive samples share one
 token), a T5 chunk is ``raw_len`` tokens starting at ``m * raw_len`` and is span-corrupted with the generator
-``[seed, m * L + l]``. Samples have exactly the format of :class:`~pretrain.data.gpt_dataset.GPTDataset` /
-:class:`~pretrain.data.t5_dataset.T5Dataset`.
+``[seed, m * L + l]``, a masked-LM chunk is ``seq_len - 2`` tokens (``seq_len - 3`` with sentence-order pairs)
+starting at ``m`` times that and is masked as sample ``m * L + l`` (80/10/10, :class:`~pretrain.data.mlm_dataset.
+MLMMasking`). Samples have exactly the format of :class:`~pretrain.data.gpt_dataset.GPTDataset` /
+:class:`~pretrain.data.t5_dataset.T5Dataset` / :class:`~pretrain.data.mlm_dataset.MLMDataset`.
 
 Resume. :class:`Cursor` ``[epoch, slot, record, offset, m]`` says where the lane's next sample starts (the
 ``record``-th record, in the unit's order, of the ``slot``-th unit of the lane in ``epoch``, at token ``offset``)
@@ -18,8 +20,9 @@ and its number ``m``: a few integers that let a lane continue exactly, whatever 
 counted per lane as its units are read (a unit read again after a resume counts again).
 
 Equivalence with shards: with ``L = 1`` and ``shuffle=False`` the samples are those of ``GPTDataset`` /
-``T5Dataset`` with ``shuffle=False`` over the shard ``pretrain prepare --append-eod`` writes from the same files
-(test_stream.py checks it); the shard path shuffles with Megatron's indices instead.
+``T5Dataset`` / ``MLMDataset`` with ``shuffle=False`` over the shard ``pretrain prepare --append-eod`` writes from
+the same files (test_stream.py and test_encoder_stream.py check it); the shard path shuffles with Megatron's
+indices instead.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 
 from pretrain.data.corpus import BadInputs, CorpusError, CorpusReader
 from pretrain.data.gpt_dataset import gpt_sample
+from pretrain.data.mlm_dataset import MLMMasking
 from pretrain.data.raw_source import read_unit
 from pretrain.data.t5_dataset import SpanCorruption
 from pretrain.data.tokenizer import Tokenizer
@@ -56,23 +60,28 @@ class SourceSpec:
 class Packing:
     """How samples are cut from a lane's token stream and built (picklable)."""
 
-    kind: str  # gpt | t5
+    kind: str  # gpt | t5 | mlm
     seq_length: int
     eod_id: int
     eod_mask_loss: bool = False
     document_mask: bool = False
     corruption: SpanCorruption | None = None  # t5
+    masking: MLMMasking | None = None  # mlm
 
     @property
     def span(self) -> int:
         """Tokens from one sample's start to the next."""
+        if self.masking is not None:
+            return self.masking.chunk_len
         return self.seq_length if self.corruption is None else self.corruption.raw_len
 
     @property
     def extra(self) -> int:
-        return 1 if self.corruption is None else 0
+        return 1 if self.kind == "gpt" else 0
 
     def sample(self, tokens: np.ndarray, pieces: np.ndarray, sample_id: int) -> dict[str, np.ndarray]:
+        if self.masking is not None:
+            return self.masking(tokens, sample_id, pieces=pieces if self.document_mask else None)
         if self.corruption is None:
             return gpt_sample(tokens, pieces, self.eod_id, self.eod_mask_loss, self.document_mask)
         return self.corruption(tokens, sample_id)

@@ -6,7 +6,9 @@ Contract (``parallel.cp = N``; the checks are :func:`validate_context_parallel`)
   holds chunk ``r`` and its mirror ``2N - 1 - r`` (:func:`chunk_index`), so every rank gets the same share of the
   causal triangle (Megatron-Core's and torchtitan's head-tail split). :func:`split_batch` applies it to every
   ``[batch, S]`` tensor of a micro-batch (tokens, labels, loss mask, position ids, document ids); the engine
-  does this before the forward (:class:`pretrain.parallel.context_engine.ContextParallelEngine`).
+  does this before the forward (:class:`pretrain.parallel.context_engine.ContextParallelEngine`). An
+  encoder-decoder's decoder tensors (``[batch, S_dec]``, the length of ``decoder_input_ids``) are split the same
+  way by their own length.
 * **Positions and documents come from the global sequence.** Position ids are the data's (reset per document,
   sliced like the tokens) or, when the batch has none, the tokens' global indices; document ids are sliced
   and all-gathered once per forward. Documents may span chunk borders and are never padded: the attention
@@ -20,10 +22,22 @@ Contract (``parallel.cp = N``; the checks are :func:`validate_context_parallel`)
   is small next to the ``S / N x S`` scores; the local block runs on the configured backend with an explicit
   mask (SDPA). ``ring``: K/V blocks passed rank to rank, online-softmax merging
   (:mod:`pretrain.parallel.ring`); masks are built a tile at a time and tiles causality hides are skipped.
+* **Bidirectional attention** (encoders): :meth:`ContextParallel.forward_state` takes ``causal=False`` (the
+  layers pass the same to :meth:`ContextAttention.attention`): every query sees keys before and after it, so
+  the ring skips no tile for causality. ``key_mask`` (the batch's padding mask, this rank's chunks) is
+  all-gathered once per forward and hides padding keys from every query; a layer's own pattern in global
+  positions (a local window) shares the gathered ids through :meth:`ContextAttention.with_pattern`, whose
+  ``reach`` (the window's half width) lets the ring skip the tiles beyond it. A query may then see no key at all
+  (a padding token among padding in its window): its output is 0 on both paths, its gradient 0.
+  :meth:`ContextParallel.first` hands every rank the sequence's first token (BERT's [CLS], on rank 0).
 * **Where it is active.** The model's layer factory carries a :class:`ContextParallel` (``factory.cp``); it
   splits attention only inside :meth:`ContextParallel.sharding` (the engine's train and eval steps). Anything
   else that runs the model (scoring evaluation tasks, generation) sees full sequences, replicated over the
   context ranks like over data ranks.
+* **T5** (:mod:`pretrain.models.t5.model`): self- and cross-attention take the group's K/V through
+  :meth:`ContextParallel.whole` (``all_gather``, global order) or the ring with the relative position bias added
+  per tile (:mod:`pretrain.parallel.context_t5`); the bias, the decoder's causal mask, the encoder's padding
+  mask and sparse pattern are computed by the model in global positions.
 * **Loss and gradients.** Each rank's loss is its tokens' sum; the engines divide by the global token count
   summed over the whole data group (context ranks included) and sum gradients over it, which equals one
   process on the whole sequence.
@@ -42,7 +56,8 @@ from pretrain.configlib import need
 from pretrain.models.attention import attention
 from pretrain.parallel.ring import RingAttention, RingPlan
 
-FAMILIES = ("gpt",)  # decoder-only; T5 needs its relative position bias over the global positions
+# T5: its relative position bias over global positions (pretrain.models.t5.model); encoder: bidirectional masks
+FAMILIES = ("gpt", "t5", "encoder")
 
 
 def validate_context_parallel(cfg: Config) -> None:
@@ -57,6 +72,12 @@ def validate_context_parallel(cfg: Config) -> None:
     need(not p.sp or (seq // p.cp) % p.tp == 0,
          f"parallel.cp={p.cp} with parallel.sp and tp={p.tp} needs data.seq_length / cp = {seq / p.cp:g} "
          f"divisible by tp (sequence parallelism splits each rank's part further); change data.seq_length or tp")
+    if cfg.family == "t5":  # the decoder's sequence is split by its own length
+        dec = cfg.data.decoder_seq_length
+        need(dec % (2 * p.cp) == 0 and (not p.sp or (dec // p.cp) % p.tp == 0),
+             f"parallel.cp={p.cp} needs data.decoder_seq_length ({dec}) divisible by 2 x cp = {2 * p.cp}"
+             f"{f' and by 2 x cp x tp = {2 * p.cp * p.tp} (parallel.sp)' if p.sp else ''}; pad the targets to a "
+             f"multiple of it with data.decoder_seq_length, or change parallel.cp")
     need(cfg.model.attention_backend != "flash_attn",
          f"parallel.cp={p.cp} with model.attention_backend=flash_attn: each rank's attention block takes an "
          f"explicit mask from global positions and document ids, which flash-attn cannot; use "
@@ -72,13 +93,14 @@ def chunk_index(rank: int, size: int, local_len: int, device: torch.device | Non
 
 
 def split_batch(batch: dict[str, torch.Tensor], rank: int, size: int) -> dict[str, torch.Tensor]:
-    """Context rank ``rank``'s part of every ``[batch, seq]`` tensor of ``batch`` (others are kept whole)."""
-    seq = batch["input_ids"].shape[1]
-    if seq % (2 * size):
-        raise ValueError(f"sequence length {seq} is not divisible by 2 x parallel.cp = {2 * size}")
-    index = chunk_index(rank, size, seq // size)
-    return {k: v.index_select(1, index.to(v.device)) if v.dim() >= 2 and v.shape[1] == seq else v
-            for k, v in batch.items()}
+    """Context rank ``rank``'s part of every ``[batch, seq]`` tensor of ``batch`` (others are kept whole); ``seq``
+    is the length of ``input_ids`` or, for an encoder-decoder's decoder side, of ``decoder_input_ids``."""
+    lengths = {batch[k].shape[1] for k in ("input_ids", "decoder_input_ids") if k in batch}
+    for seq in lengths:
+        if seq % (2 * size):
+            raise ValueError(f"sequence length {seq} is not divisible by 2 x parallel.cp = {2 * size}")
+    return {k: v.index_select(1, chunk_index(rank, size, v.shape[1] // size, v.device))
+            if v.dim() >= 2 and v.shape[1] in lengths else v for k, v in batch.items()}
 
 
 def context_mask(q_index: torch.Tensor, k_index: torch.Tensor, *, causal: bool, q_docs: torch.Tensor | None = None,
@@ -90,6 +112,14 @@ def context_mask(q_index: torch.Tensor, k_index: torch.Tensor, *, causal: bool, 
         same = (q_docs[:, :, None] == k_docs[:, None, :])[:, None]
         mask = same if mask is None else mask & same
     return mask
+
+
+def _nearest(q: torch.Tensor, k: torch.Tensor) -> int:
+    """The smallest ``|i - j|`` over ``i`` in ``q`` and ``j`` in ``k`` (host index tensors)."""
+    k = k.sort().values
+    at = torch.searchsorted(k, q)
+    after, before = k[at.clamp(max=len(k) - 1)], k[(at - 1).clamp(min=0)]
+    return int(torch.minimum((after - q).abs(), (before - q).abs()).min())
 
 
 def _gather(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
@@ -122,12 +152,14 @@ class ContextAttention:
 
     def __init__(self, group: ProcessGroup, comm: str, q_index: torch.Tensor, k_index: torch.Tensor,
                  q_docs: torch.Tensor | None, k_docs: torch.Tensor | None, pattern=None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, k_keep: torch.Tensor | None = None):
         """``q_index``/``k_index``: CPU tensors (the ring decides on the host which tiles to skip); the masks are
-        built on ``device``."""
+        built on ``device``. ``k_keep``: bool ``[batch, S]`` in gathered order, False on padding keys."""
         self.group, self.comm, self._host = group, comm, (q_index, k_index)
         self.q_index, self.k_index, self.q_docs, self.k_docs = q_index.to(device), k_index.to(device), q_docs, k_docs
         self.pattern = pattern  # (q [q, 1], k [1, k]) -> bool [q, k] in global positions (a sparse pattern), or None
+        self.k_keep = k_keep
+        self.reach: int | None = None  # with_pattern's window: the largest |i - j| it lets through (None: any)
         self._full: dict[bool, torch.Tensor | None] = {}
 
     def mask(self, causal: bool, rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor | None:
@@ -140,12 +172,27 @@ class ContextAttention:
             q_host, k_host = self._host
             keep = self.pattern(q_host[rows][:, None], k_host[cols][None, :]).to(q.device)[None, None]
             mask = keep if mask is None else mask & keep
+        if self.k_keep is not None:
+            keys = self.k_keep[:, None, None, cols]
+            mask = keys if mask is None else mask & keys
         return mask
 
+    def with_pattern(self, pattern, reach: int | None = None) -> ContextAttention:
+        """This forward's attention with ``pattern`` (global positions) in place of its own, sharing the gathered
+        document ids and padding (e.g. an encoder's local layers: a window). ``reach``: the largest ``|i - j|``
+        the pattern lets through (a window's half width); the ring skips the tiles beyond it."""
+        att = ContextAttention(self.group, self.comm, *self._host, self.q_docs, self.k_docs, pattern,
+                               self.q_index.device, self.k_keep)
+        att.reach = reach
+        return att
+
     def visible(self, causal: bool, rows: slice, cols: slice) -> bool:
-        """False when causality alone hides every key of ``cols`` from the query ``rows`` (no device sync)."""
-        q, k = self._host
-        return not causal or int(q[rows].max()) >= int(k[cols].min())
+        """False when causality or the window :attr:`reach` alone hides every key of ``cols`` from the query
+        ``rows`` (decided on the host indices, no device sync)."""
+        q, k = self._host[0][rows], self._host[1][cols]
+        if causal and int(q.max()) < int(k.min()):
+            return False
+        return self.reach is None or _nearest(q, k) <= self.reach
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, backend: str = "auto",
                   document_ids=None, mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
@@ -161,7 +208,8 @@ class ContextAttention:
             block = lambda src: slice(src * local, (src + 1) * local)  # noqa: E731
             plan = RingPlan(self.group, lambda src, rows: self.mask(causal, rows, block(src)),
                             lambda src, rows: self.visible(causal, rows, block(src)), scale,
-                            causal_only=causal and self.q_docs is None and self.pattern is None)
+                            causal_only=causal and self.q_docs is None and self.pattern is None and
+                            self.k_keep is None)
             return RingAttention.apply(q, k, v, plan)
         if causal not in self._full:
             self._full[causal] = self.mask(causal)
@@ -200,6 +248,13 @@ class ContextParallel:
         order = torch.cat([chunk_index(r, self.size, x.shape[1]) for r in range(self.size)]).argsort()
         return _GatherSequence.apply(x, 1, self.group).index_select(1, order.to(x.device))
 
+    def first(self, x: torch.Tensor) -> torch.Tensor:
+        """The sequence's first token ``x[:, 0]`` (held by context rank 0) on every context rank, e.g. BERT's [CLS]
+        for its next-sentence head; backward: the ranks' gradients summed into rank 0's token."""
+        if not self.enabled:
+            return x[:, 0]
+        return _GatherSequence.apply(x[:, :1], 1, self.group)[:, 0]
+
     def mine(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's tokens ``[batch, local, ...]`` of a whole-sequence ``x`` (the inverse of :meth:`whole`)."""
         if not self.enabled:
@@ -213,18 +268,22 @@ class ContextParallel:
         return int(top)
 
     def forward_state(self, local_len: int, document_ids: torch.Tensor | None, device: torch.device,
-                      sparse=None) -> ContextAttention | None:
+                      sparse=None, causal: bool = True,
+                      key_mask: torch.Tensor | None = None) -> ContextAttention | None:
         """The attention of one forward over ``local_len`` local tokens; None outside :meth:`sharding`.
-        ``sparse``: a :class:`pretrain.models.patterns.SparseConfig`; its pattern is ANDed on in global positions."""
+        ``sparse``: a :class:`pretrain.models.patterns.SparseConfig`; its pattern is ANDed on in global positions.
+        ``causal``: the pattern's (the layers pass their own to :meth:`ContextAttention.attention`); ``key_mask``:
+        this rank's ``[batch, local_len]`` padding mask (1 = token), gathered once and ANDed on."""
         if not self.enabled:
             return None
         q_index = chunk_index(self.rank, self.size, local_len)  # on the host; ContextAttention moves them
         k_index = torch.cat([chunk_index(r, self.size, local_len) for r in range(self.size)])
         k_docs = None if document_ids is None else _gather(document_ids, 1, self.group)
+        k_keep = None if key_mask is None else _gather(key_mask, 1, self.group).bool()
         pattern = None
         if sparse is not None and sparse.enabled:
             from pretrain.models.patterns import mask_mod
 
-            mod = mask_mod(sparse, local_len * self.size, True)
+            mod = mask_mod(sparse, local_len * self.size, causal)
             pattern = lambda q, k: mod(0, 0, q, k)  # noqa: E731
-        return ContextAttention(self.group, self.comm, q_index, k_index, document_ids, k_docs, pattern, device)
+        return ContextAttention(self.group, self.comm, q_index, k_index, document_ids, k_docs, pattern, device, k_keep)

@@ -11,7 +11,12 @@ other stages' blocks removed, under the full model's parameter names (checkpoint
 tensors like a single-process run). Stage ``i`` of ``pp * vpp`` lives on pipeline rank ``i % pp``.
 
 The loss is the same as every other engine's: per-token mean over the global batch (the token count is
-all-reduced before the step, so each micro-batch's summed loss is divided by the global count).
+all-reduced before the step, so each micro-batch's summed loss is divided by the global count). A last stage that
+returns ``(logits, sentence logits)`` (an encoder's next-sentence / sentence-order head) adds the sentence loss
+over the global micro-batch count, as :func:`pretrain.step.objective` adds an auxiliary loss; its label travels
+in a third channel of the target. What else travels between stages is the family's (``stage_inputs`` /
+``stage_forward``): e.g. a GPT batch's position and document ids ride with the hidden states, so every stage
+masks attention within documents (under context parallelism: this rank's chunks of them).
 
 Switch layers: each stage adds its layers' weighted auxiliary losses to the backward through its output
 (see :mod:`pretrain.parallel.stage`), so they reach the gradients without being carried to the last stage.
@@ -25,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
 from pretrain import step
@@ -47,7 +53,9 @@ class PipelineEngine(DataParallelEngine):
         self.stage_ids = [mesh.pp_rank + k * pp for k in range(vpp)]
         self.stages = split_model(model, self.stage_ids, pp * vpp)
         self.factory = model.factory
-        self._token_scale = torch.ones(())
+        self._token_scale, self._aux_scale = torch.ones(()), 0.0
+        self._lm_losses: list[torch.Tensor] = []  # this step's micro-batch LM losses (last stage)
+        self._sentence_losses: list[torch.Tensor] = []  # and sentence-head losses (an encoder's NSP/SOP)
         self._schedules: dict[tuple[int, bool], object] = {}
         super().__init__(cfg, StageList(self.stages), mesh, device)
         self._shared = self._find_shared()
@@ -82,29 +90,43 @@ class PipelineEngine(DataParallelEngine):
             self._schedules[key] = schedule
         return self._schedules[key]
 
-    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _loss(self, output: torch.Tensor | tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """The last stage's objective of one micro-batch: its LM loss sum over the global token count, plus a
+        sentence head's loss (BERT's NSP/SOP; the stage returns ``(logits, sentence logits)`` and the label rides
+        in ``target``'s third channel) over the global micro-batch count, as :func:`pretrain.step.objective`."""
+        logits, sentence_logits = output if isinstance(output, tuple) else (output, None)
         labels, mask = target[..., 0].long(), target[..., 1].to(torch.float32)
-        return (self.factory.cross_entropy(logits, labels) * mask).sum() * self._token_scale
+        loss = (self.factory.cross_entropy(logits, labels) * mask).sum() * self._token_scale
+        self._lm_losses.append(loss.detach())
+        if sentence_logits is not None and target.shape[-1] > 2:
+            sentence = F.cross_entropy(sentence_logits.float(), target[:, 0, 2].long())
+            self._sentence_losses.append(sentence.detach())
+            loss = loss + sentence * self._aux_scale
+        return loss
 
     def _forward_backward(self, micro_batches, tokens, train):
         total = tokens.clamp(min=1.0)
         self._token_scale = (1.0 / total).float()
         batch = {k: torch.cat([mb[k] for mb in micro_batches]).to(self.device) for k in micro_batches[0]}
-        target = torch.stack([batch["labels"].double(), batch["loss_mask"].double()], dim=-1)
+        channels = [batch["labels"].double(), batch["loss_mask"].double()]
+        if "next_sentence_label" in batch:  # [b] -> [b, s]: the target is split into micro-batches like them
+            channels.append(batch["next_sentence_label"].double()[:, None].expand_as(channels[0]))
+        target = torch.stack(channels, dim=-1)
         schedule = self._schedule(len(micro_batches), train)
+        self._aux_scale = 1.0 / (len(micro_batches) * self.dp_size)
         for stage in self.stages:
-            stage.aux_scale, stage.aux_losses = 1.0 / (len(micro_batches) * self.dp_size), []
-        losses: list[torch.Tensor] = []
+            stage.aux_scale, stage.aux_losses = self._aux_scale, []
+        self._lm_losses, self._sentence_losses = [], []
         args = self.stages[0].inputs(batch) if self.stage_ids[0] == 0 else ()
         last = any(s.last for s in self.stages)
-        kwargs = {"target": target, "losses": losses} if last else {}
+        kwargs = {"target": target} if last else {}
         with autocast(self.cfg, self.device):
             (schedule.step if train else schedule.eval)(*args, return_outputs=False, **kwargs)
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        n = len(micro_batches)  # the first use of a schedule runs one shape-inference forward (and loss): skip it
         if last:
-            sums[0] = torch.stack([x.detach() for x in losses]).double().sum() * total
-        # the first use of a schedule runs one shape-inference forward (on placeholder inputs): skip its entry
-        aux = [a.detach() for stage in self.stages for a in stage.aux_losses[-len(micro_batches):]]
+            sums[0] = torch.stack(self._lm_losses[-n:]).double().sum() * total
+        aux = [a.detach() for stage in self.stages for a in stage.aux_losses[-n:]] + self._sentence_losses[-n:]
         if aux:
             sums[1] = torch.stack(aux).double().sum()
         return step.all_reduce(sums, self.mesh.group("pp"))  # LM loss from the last stage, aux from every stage

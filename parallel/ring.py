@@ -6,7 +6,8 @@ compute). Every step attends the local queries to one block under the exact mask
 document ids (:func:`pretrain.parallel.context.context_mask`) and merges it into the running output with the
 log-sum-exp rule (the online softmax of flash attention): ``lse = logaddexp(lse, lse_b)``,
 ``out = out * exp(lse_old - lse) + out_b * exp(lse_b - lse)``. Rows that see no key of a block contribute
-nothing; a row sees at least itself, so the final ``lse`` is finite.
+nothing; a row that sees no key at all (an encoder's padding token among padding in a local window) ends with
+output 0, as SDPA gives it, and its ``lse`` is stored as 0 so that the backward's ``p = exp(-inf - lse)`` is 0.
 
 Backward recomputes each block's probabilities from the saved ``lse`` (``p = exp(s - lse)``), accumulates
 ``dQ`` locally and sends ``dK``/``dV`` accumulators around the ring with their blocks; after the last step they
@@ -80,6 +81,11 @@ class RingPlan:
                 r.wait()
             kv = nxt
 
+    def score_grad(self, step: int, rows: slice, ds: torch.Tensor) -> None:
+        """The backward's gradient of the scores of query ``rows`` against the block held at ``step`` (fp32
+        ``[b, heads, rows, block]``); a plan whose scores carry a learned bias collects it here
+        (:class:`pretrain.parallel.context_t5.BiasRingPlan`)."""
+
     def scores(self, step: int, qf: torch.Tensor, rows: slice, kf: torch.Tensor, scale: float) -> torch.Tensor:
         """Masked fp32 scores of query ``rows`` against the block held at ``step``."""
         return _scores(qf[:, :, rows], kf, self.mask(self.source(step), rows), scale)
@@ -143,6 +149,7 @@ class RingAttention(torch.autograd.Function):
                         out_b, lse_b = FLASH(*(t.contiguous() for t in (qf[:, :, rows], kf[:, :, cols],
                                                                           vf[:, :, cols])), 0.0, causal, scale=scale)
                     _merge(out, lse, rows, out_b, lse_b)
+            lse = lse.masked_fill(lse == float("-inf"), 0.0)  # rows that saw no key: p = 0 in the backward
         ctx.plan, ctx.scale = plan, scale
         ctx.save_for_backward(q, k, v, out, lse)
         return out.transpose(1, 2).to(q.dtype)
@@ -162,6 +169,7 @@ class RingAttention(torch.autograd.Function):
                         s = plan.scores(step, qf, rows, kf, scale)
                         p = (s - lse[..., rows, None]).exp()
                         ds = p * (torch.matmul(do[:, :, rows], vf.transpose(-1, -2)) - delta[:, :, rows])
+                        plan.score_grad(step, rows, ds)
                         grads = (torch.matmul(ds, kf) * scale, torch.matmul(ds.transpose(-1, -2), qf[:, :, rows]) *
                                  scale, torch.matmul(p.transpose(-1, -2), do[:, :, rows]))
                     else:  # flash backward with this rank's final output and log-sum-exp: exact per piece

@@ -54,9 +54,6 @@ def validate(cfg: Config) -> None:
     need(not p.offload_params or p.zero == 3, "parallel.offload_params needs parallel.zero=3 (only ZeRO-3 "
                                               "partitions the parameters themselves)")
     # What this version of the engines implements.
-    need(p.pp == 1 or not getattr(cfg.model, "document_masking", False),
-         f"parallel.pp={p.pp} with model.document_masking: document ids are not passed between stages yet; "
-         f"use pp=1")
     if p.ep > 1:
         need(p.zero <= 1, f"parallel.ep={p.ep} with parallel.zero={p.zero}: the expert-parallel engine shards "
                           f"optimizer state (ZeRO-1) but not gradients or parameters; use parallel.zero=1 with "

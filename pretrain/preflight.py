@@ -6,7 +6,8 @@ Loading a config (:func:`pretrain.config.load_config`) validates each section an
 1. the parallel layout against the model and the number of processes (:mod:`pretrain.parallel.validate`:
    tp/pp/ep divisibility, and the global batch against micro-batch x data-parallel size, plain DP included);
 2. data: every shard prefix in ``data.train``/``data.valid`` has a non-empty ``PREFIX.bin`` and ``PREFIX.idx``,
-   ``data.tokenizer`` and ``checkpoint.init_from`` exist;
+   ``data.tokenizer`` and ``checkpoint.init_from`` exist; a masked-LM family's tokenizer has the mask token
+   (``data.mask_token``) and [CLS]/[SEP] (or BOS/EOS); next-sentence pairs are not asked of raw sources;
 3. ``train.eval_tasks`` name tasks that exist;
 4. ``--resume`` is ``auto`` or a checkpoint directory.
 
@@ -73,7 +74,10 @@ def _path(base: Path, name: str) -> Path:
 
 def _check_data(cfg: Config, base: Path) -> None:
     from pretrain.data.loader import parse_blend
+    from pretrain.data.mlm_dataset import NSP_FROM_STREAM, special_ids
     from pretrain.data.raw_source import is_raw_source
+    from pretrain.data.tokenizer import load_tokenizer
+    from pretrain.models.registry import family_spec
 
     d = cfg.data
     need(bool(d.train), "data.train is empty: give the shard prefixes written by `pretrain prepare`, e.g. "
@@ -87,6 +91,7 @@ def _check_data(cfg: Config, base: Path) -> None:
             if is_raw_source(prefix):  # raw text, tokenized while training: it must exist (URLs are not checked)
                 need("://" in prefix or bool(glob.glob(str(_path(base, prefix)))),
                      f"data.{key}: raw source {prefix!r} matches no file; fix the path or glob in data.{key}")
+                need(d.sentence_pairs != "nsp", NSP_FROM_STREAM)
                 need(cfg.train.global_batch_size % d.stream_lanes == 0,
                      f"data.stream_lanes={d.stream_lanes} does not divide train.global_batch_size="
                      f"{cfg.train.global_batch_size} (raw sources give each lane an equal slot of every batch); "
@@ -101,6 +106,8 @@ def _check_data(cfg: Config, base: Path) -> None:
     if d.tokenizer:
         need(_path(base, d.tokenizer).exists(), f"data.tokenizer: {d.tokenizer} not found; give the tokenizer.model "
                                                 f"(or directory) written by `pretrain tokenizer`")
+        if family_spec(cfg.family).dataset == "mlm":  # the vocabulary must have the special tokens masking uses
+            special_ids(load_tokenizer(_path(base, d.tokenizer), num_threads=1), d.mask_token)
     init = cfg.checkpoint.init_from
     need(not init or _path(base, init).is_dir(), f"checkpoint.init_from: {init} is not a directory; give a "
                                                  f"checkpoint written by `pretrain train` or `pretrain import`")

@@ -38,10 +38,37 @@ def test_bad_context_parallel_layouts_fail_before_processes_start(parallel, mode
         check(config(parallel, model, seq), world, data=False)
 
 
-def test_context_parallel_needs_a_decoder_family():
+def t5_config(parallel: dict, decoder_seq: int):
     t5 = {"family": "t5", "vocab_size": 128, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4}
-    with pytest.raises(ConfigError, match=r"parallel.cp=2: context parallelism supports the families \('gpt',\)"):
-        check(config({"cp": 2}, family_model=t5), 2, data=False)
+    cfg = config(parallel, family_model=t5)
+    cfg.data.decoder_seq_length = decoder_seq
+    return cfg
+
+
+@pytest.mark.parametrize("parallel,decoder_seq,world,msg", [
+    ({"cp": 4}, 36, 4, r"parallel.cp=4 needs data.decoder_seq_length \(36\) divisible by 2 x cp = 8; pad the "
+                       r"targets"),
+    ({"cp": 2, "tp": 4, "sp": True}, 36, 8, r"data.decoder_seq_length \(36\) divisible by 2 x cp = 4 and by 2 x cp "
+                                            r"x tp = 16 \(parallel.sp\)"),
+])
+def test_bad_t5_context_parallel_layouts_fail_before_processes_start(parallel, decoder_seq, world, msg):
+    """T5's decoder sequence is split by its own length."""
+    with pytest.raises(ConfigError, match=msg):
+        check(t5_config(parallel, decoder_seq), world, data=False)
+    for good in ({"cp": 2, "tp": 2, "sp": True, "zero": 3}, {"cp": 4, "cp_comm": "ring"}):
+        check(t5_config(good, 8), 8, data=False)
+
+
+def test_split_batch_splits_the_decoder_side_by_its_own_length():
+    enc, dec = torch.arange(16)[None], 100 + torch.arange(8)[None]
+    batch = {"input_ids": enc, "attention_mask": enc, "decoder_input_ids": dec, "labels": dec, "loss_mask": dec,
+             "next_sentence_label": torch.tensor([1])}
+    part = split_batch(batch, 1, 2)  # rank 1 of 2: chunks 1 and 2 of 4
+    assert part["input_ids"].tolist() == part["attention_mask"].tolist() == [[4, 5, 6, 7, 8, 9, 10, 11]]
+    assert part["decoder_input_ids"].tolist() == part["labels"].tolist() == [[102, 103, 104, 105]]
+    assert part["next_sentence_label"].tolist() == [1]
+    with pytest.raises(ValueError, match="sequence length 6 is not divisible by 2 x parallel.cp = 4"):
+        split_batch({"input_ids": enc, "decoder_input_ids": dec[:, :6]}, 0, 2)
 
 
 def test_good_layouts_pass():

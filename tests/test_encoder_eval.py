@@ -69,7 +69,8 @@ def test_pretrain_eval_scores_an_encoder_checkpoint(tmp_path, tiny_shard_prefix,
         f"data.train=[{tiny_shard_prefix}]", f"data.tokenizer={tiny_tokenizer.path}", "data.seq_length=32",
         f"data.cache_dir={tmp_path / 'index'}", f"model.vocab_size={tiny_tokenizer.vocab_size}",
         "logging.tensorboard=false", "model.hidden_size=32", "model.num_layers=1", "model.ffn_hidden_size=64",
-        "train.steps=1", "train.global_batch_size=2", "train.micro_batch_size=2", "train.eval_interval=0"]
+        "train.steps=1", "train.global_batch_size=2", "train.micro_batch_size=2", "train.eval_interval=0",
+        "data.mask_rate=0.15"]
     cfg = load_config(CONFIGS / "bert_tiny.yaml", [*cfg_args, f"checkpoint.dir={tmp_path / 'run'}"])
     assert Trainer(cfg, *build_datasets(cfg)).fit() == EXIT_OK
     out = tmp_path / "eval.json"

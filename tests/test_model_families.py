@@ -124,6 +124,7 @@ def test_missing_family_lists_the_registered_ones():
 
 @pytest.mark.parametrize("family,cfg", [
     ("gpt", dict(vocab_size=48, hidden_size=32, num_layers=4, num_heads=4, max_seq_len=16, tie_embeddings=True,
+                 flavour="llama", ffn_hidden_size=64, document_masking=True,
                  moe=dict(num_experts=2, every=2, jitter=0.0))),
     ("t5", dict(vocab_size=48, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
                 moe=dict(num_experts=2, every=2, jitter=0.0))),
@@ -139,13 +140,17 @@ def test_pipeline_stages_are_the_cut_model(family, cfg):
     batch = {"input_ids": torch.randint(0, 48, (2, 12), generator=g), "labels": torch.zeros(2, 12, dtype=torch.long)}
     if family == "t5":
         batch.update(decoder_input_ids=torch.randint(0, 48, (2, 6), generator=g), attention_mask=torch.ones(2, 12))
+    else:  # packed documents: positions (RoPE on every stage) and document masks travel between the stages
+        batch.update(document_ids=(torch.arange(12) >= 5).long().expand(2, -1),
+                     position_ids=torch.cat([torch.arange(5), torch.arange(7)]).expand(2, -1))
     names = dict(model.named_parameters())
     stages = split_model(model, [0, 1, 2, 3], 4)
     x = stages[0].inputs(batch)
     with torch.no_grad():
         for stage in stages:
             x = stage(*(x if isinstance(x, tuple) else (x,)))
-        want = model.logits(*[batch[k] for k in ("input_ids", "decoder_input_ids") if k in batch])
+        want = model.logits(*[batch[k] for k in ("input_ids", "decoder_input_ids", "position_ids", "document_ids")
+                              if k in batch])
     torch.testing.assert_close(x, want, rtol=0, atol=1e-6)
     held = [n for s in stages for n, p in s.named_parameters() if p is names[n]]
     assert set(held) == set(names)

@@ -5,7 +5,8 @@ slow part on CPU). The single-process reference is :class:`pretrain.local_engine
 Checked per layout: per-step loss (relative difference <= 1e-5), per-step global gradient norm (so clipping
 sees the true norm; clipping is active: the norm exceeds ``clip_grad``) and the final parameters (gathered
 over tensor, pipeline and expert ranks). Layouts cover plain DP (DDP), DP with ZeRO 0-3, TP, TP+SP, PP 1F1B
-and interleaved (tied embeddings, Switch aux losses from an earlier stage), EP, EP x TP (+SP), their 4-rank
+and interleaved (tied embeddings, Switch aux losses from an earlier stage, packed documents, BERT's
+next-sentence head), EP, EP x TP (+SP), their 4-rank
 combinations and DP2 x TP2 x PP2 on 8 ranks, context parallelism (CP2, CP4, with TP+SP, ZeRO-1/3, PP and EP,
 over packed documents and sparse patterns too), for GPT-2 and Llama style GPT, T5, Switch-GPT, Switch-T5 and
 BERT / ModernBERT-style encoders; some resume from a mid-run engine state dict, one skips a NaN step.
@@ -76,6 +77,10 @@ MODELS = {
     # Switch-T5: 4 experts in block 1 of each stack
     "switch_t5": {"family": "t5", "vocab_size": 128, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
                   "num_heads": 4, "moe": {"num_experts": 4, "capacity_factor_train": 1.0, "jitter": 0.0}},
+    # T5 with BigBird blocks (window, global, random) in the encoder (in global positions under CP)
+    "t5_bigbird": {"family": "t5", "vocab_size": 128, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
+                   "num_heads": 4, "sparse": {"pattern": "bigbird", "block_size": 2, "window_blocks": 1,
+                                              "random_blocks": 1, "global_tokens": 2}},
     # encoders (masked LM over padded rows): BERT (post-LN, learned positions, two token types) and ModernBERT
     # style (pre-LN, RoPE, GeGLU, global block 0 and a 4-token sliding window in block 1)
     "bert": {"family": "encoder", "flavour": "bert", "vocab_size": 128, "hidden_size": 32, "num_layers": 2,
@@ -83,6 +88,23 @@ MODELS = {
     "modernbert": {"family": "encoder", "flavour": "modernbert", "vocab_size": 128, "hidden_size": 32,
                    "num_layers": 2, "num_heads": 4, "ffn_hidden_size": 64, "max_seq_len": SEQ, "type_vocab_size": 0,
                    "global_every": 2, "local_window": 4},
+    # for pipelines: packed documents over 2 x 2 stages (GPT-2 style, tied, multi-head: with GQA, or Llama style, 4
+    # blocks over documents drift past 1e-5 in 10 steps in every layout, TP2 too), BERT's next-sentence head,
+    # ModernBERT style over packed documents
+    "gpt2_docs_deep": {"family": "gpt", "flavour": "gpt2", "vocab_size": 128, "hidden_size": 32, "num_layers": 4,
+                       "num_heads": 4, "max_seq_len": SEQ, "tie_embeddings": True, "document_masking": True},
+    "bert_nsp": {"family": "encoder", "flavour": "bert", "vocab_size": 128, "hidden_size": 32, "num_layers": 2,
+                 "num_heads": 4, "ffn_hidden_size": 64, "max_seq_len": SEQ, "nsp_head": True},
+    "modernbert_docs": {"family": "encoder", "flavour": "modernbert", "vocab_size": 128, "hidden_size": 32,
+                        "num_layers": 4, "num_heads": 4, "ffn_hidden_size": 64, "max_seq_len": SEQ,
+                        "type_vocab_size": 0, "global_every": 2, "local_window": 4, "document_masking": True},
+    # ModernBERT style over packed documents in 2 blocks (global, local) for context parallelism
+    "modernbert_packed": {"family": "encoder", "flavour": "modernbert", "vocab_size": 128, "hidden_size": 32,
+                          "num_layers": 2, "num_heads": 4, "ffn_hidden_size": 64, "max_seq_len": SEQ,
+                          "type_vocab_size": 0, "global_every": 2, "local_window": 4, "document_masking": True},
+    # RoBERTa: positions count the non-pad tokens from pad id + 1 (over the whole sequence under CP)
+    "roberta": {"family": "encoder", "flavour": "roberta", "vocab_size": 128, "hidden_size": 32, "num_layers": 2,
+                "num_heads": 4, "ffn_hidden_size": 64, "max_seq_len": SEQ + 2, "pad_token_id": 1},
 }
 LOSS_RTOL = NORM_RTOL = 1e-5
 PARAM_ATOL = 5e-6
@@ -122,11 +144,15 @@ def global_batch(step: int, model: str) -> dict[str, torch.Tensor]:
         starts[:, 0] = True
         doc_ids = starts.long().cumsum(1) - 1
         first = torch.where(starts, torch.arange(seq), 0).cummax(1).values
-        batch |= {"document_ids": doc_ids, "position_ids": torch.arange(seq) - first}
+        batch["document_ids"] = doc_ids
+        if MODELS[model]["family"] == "gpt":  # encoders count positions from the document ids
+            batch["position_ids"] = torch.arange(seq) - first
     if MODELS[model]["family"] == "encoder":  # up to 4 padding tokens per row; segment B from the middle
         lengths = torch.from_numpy(rng.integers(SEQ - 4, SEQ + 1, GLOBAL_BATCH))
         batch |= {"attention_mask": (torch.arange(SEQ)[None] < lengths[:, None]).long(),
                   "token_type_ids": (torch.arange(SEQ)[None] >= lengths[:, None] // 2).long()}
+    if MODELS[model].get("nsp_head"):
+        batch["next_sentence_label"] = torch.from_numpy(rng.integers(0, 2, GLOBAL_BATCH))
     return batch
 
 
@@ -285,6 +311,10 @@ LAYOUTS_2 = {
     "dp2 zero3 modernbert resumed": ("modernbert", {"zero": 3}, True),
     "tp2 modernbert": ("modernbert", {"tp": 2}),
     "pp2 1f1b bert": ("bert", {"pp": 2}),
+    "pp2 1f1b bert_nsp": ("bert_nsp", {"pp": 2}),  # the next-sentence loss on the last stage
+    "pp2 1f1b llama_docs": ("llama_docs", {"pp": 2}),  # positions and document ids travel with the hidden states
+    "pp2 interleaved gpt2_docs_deep": ("gpt2_docs_deep", {"pp": 2, "vpp": 2}),
+    "pp2 interleaved modernbert_docs": ("modernbert_docs", {"pp": 2, "vpp": 2}),
     "ep2 moe": ("moe", {"ep": 2}),  # dropless top-2 + shared expert + aux-loss-free bias
     "cp2 gpt2": ("gpt2", {"cp": 2}),  # context parallelism: load-balanced chunks, all-gathered K/V
     "cp2 gpt2_docs": ("gpt2_docs", {"cp": 2}),  # documents spanning chunk borders
@@ -295,6 +325,17 @@ LAYOUTS_2 = {
     "cp2 ep2 switch": ("switch", {"cp": 2, "ep": 2}),  # capacity and dropping decided over the whole sequence
     "cp2 ep2 switch_docs": ("switch_docs", {"cp": 2, "ep": 2, "cp_comm": "ring"}),
     "cp2 ep2 moe": ("moe", {"cp": 2, "ep": 2}),  # dropless top-2, shared gated expert, per-sequence aux, bias
+    # encoders: bidirectional, padding keys hidden, local window and positions in global positions
+    "cp2 modernbert": ("modernbert", {"cp": 2}),
+    "cp2 modernbert_packed": ("modernbert_packed", {"cp": 2}),  # documents across chunk borders, RoPE restarting
+    "cp2 ring modernbert": ("modernbert", {"cp": 2, "cp_comm": "ring"}),  # pads that see no key in their window
+    "cp2 ring modernbert_packed": ("modernbert_packed", {"cp": 2, "cp_comm": "ring"}),
+    "cp2 bert_nsp": ("bert_nsp", {"cp": 2}),  # learned positions, token types, [CLS] from context rank 0
+    "cp2 roberta": ("roberta", {"cp": 2}),  # pad-offset positions counted over the whole sequence
+    "cp2 t5": ("t5", {"cp": 2}),  # both sequences split; relative bias over global positions; padded encoder
+    "cp2 t5_bigbird": ("t5_bigbird", {"cp": 2}),  # the encoder's BigBird pattern in global positions
+    "cp2 ring t5_bigbird": ("t5_bigbird", {"cp": 2, "cp_comm": "ring"}),  # bias tiles and their gradient
+    "cp2 ep2 switch_t5": ("switch_t5", {"cp": 2, "ep": 2}),
 }
 LAYOUTS_4 = {
     "dp2 tp2 zero1 llama": ("llama", {"tp": 2, "zero": 1}),
@@ -325,10 +366,23 @@ LAYOUTS_4 = {
     "cp2 dp2 zero3 llama": ("llama", {"cp": 2, "zero": 3}),
     "cp2 dp2 zero3 llama_docs": ("llama_docs", {"cp": 2, "zero": 3}),
     "cp2 pp2 llama": ("llama", {"cp": 2, "pp": 2}),
+    "cp2 pp2 llama_docs": ("llama_docs", {"cp": 2, "pp": 2}),  # each stage's mask from its micro-batch's documents
     "cp4 ring llama_docs": ("llama_docs", {"cp": 4, "cp_comm": "ring"}),  # masked tiles
     "cp4 ring llama": ("llama", {"cp": 4, "cp_comm": "ring"}),  # causal chunk pairs on SDPA's CPU flash kernel
     "cp2 tp2 sp ring gpt2": ("gpt2", {"cp": 2, "tp": 2, "sp": True, "cp_comm": "ring"}),
     "cp2 ep2 tp2 sp switch_docs": ("switch_docs", {"cp": 2, "ep": 2, "tp": 2, "sp": True}),  # SP, then CP gather
+    "cp2 tp2 sp modernbert_packed": ("modernbert_packed", {"cp": 2, "tp": 2, "sp": True}),
+    "cp2 dp2 zero1 modernbert_packed": ("modernbert_packed", {"cp": 2, "zero": 1}),
+    "cp2 dp2 zero3 bert_nsp": ("bert_nsp", {"cp": 2, "zero": 3}),
+    "cp2 pp2 bert_nsp": ("bert_nsp", {"cp": 2, "pp": 2}),  # the next-sentence head on the last stage
+    "cp2 pp2 modernbert_packed": ("modernbert_packed", {"cp": 2, "pp": 2}),
+    "cp4 ring modernbert_packed": ("modernbert_packed", {"cp": 4, "cp_comm": "ring"}),  # out-of-window tiles skipped
+    "cp4 t5": ("t5", {"cp": 4}),
+    "cp4 ring t5": ("t5", {"cp": 4, "cp_comm": "ring"}),
+    "cp2 tp2 sp t5": ("t5", {"cp": 2, "tp": 2, "sp": True}),
+    "cp2 dp2 zero1 t5": ("t5", {"cp": 2, "zero": 1}),
+    "cp2 dp2 zero3 t5": ("t5", {"cp": 2, "zero": 3}),
+    "cp2 pp2 t5": ("t5", {"cp": 2, "pp": 2}),
 }
 
 LAYOUTS_8 = {

@@ -11,11 +11,18 @@ and token-type tables, the head's transform and the NSP head are replicated (the
 every rank computes them identically). Under sequence parallelism the embedding LayerNorm runs after entering
 the sequence-parallel region, like every block norm. Fused QKV is laid out ``[head][q, k, v][head_dim]`` (whole
 heads per tensor-parallel rank). GELU is the exact (erf) one, as in BERT and ModernBERT.
+
+Context parallelism (``factory.cp`` inside its ``sharding()``, :mod:`pretrain.parallel.context`): each rank holds
+the load-balanced chunks of every row; positions (learned, RoBERTa's pad-offset count, RoPE, restarting per
+document) are computed over the whole sequence and this rank's taken, and every layer attends its queries to the
+context group's keys bidirectionally under the padding and document masks in global positions (local layers:
+the window ``|i - j| <= local_window // 2`` in global positions too), all-gathered or on the ring.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -58,6 +65,7 @@ class Context:
     rope: dict[bool, tuple[torch.Tensor, torch.Tensor]]  # modernbert: is_global -> (cos, signed sin)
     local_mask: torch.Tensor | None  # modernbert: the band of local layers
     documents: DocumentMask | None = None  # document_masking: attention stays within each document
+    cp: dict[bool, Any] | None = None  # context parallelism: is_global -> ContextAttention (masks inside)
 
 
 class GeluMLP(MLP):
@@ -87,6 +95,9 @@ class SelfAttention(nn.Module):
         if ctx.rope:
             qk = apply_rope(qk, *(t.to(qk.dtype) for t in ctx.rope[self.is_global]))
         q, k = qk.unbind(3)
+        if ctx.cp is not None:  # the padding, document and window masks are cp's, in global positions
+            y = ctx.cp[self.is_global].attention(q, k, v.squeeze(3), causal=False, backend=self.backend)
+            return self.proj(y.reshape(b, s, -1))
         mask = None if self.is_global else ctx.local_mask
         y = attention(q, k, v.squeeze(3), causal=False, backend=self.backend, key_mask=ctx.key_mask, mask=mask,
                       document_ids=ctx.documents)
@@ -148,14 +159,28 @@ class Encoder(nn.Module):
         """The document ids this model uses: ``document_ids`` under ``model.document_masking``, else None."""
         return document_ids if self.cfg.document_masking else None
 
+    def _over_sequence(self, fn, x: torch.Tensor) -> torch.Tensor:
+        """``fn`` of row-wise ``x`` ``[b, s]``; under context parallelism computed over the whole sequence (the
+        group's chunks gathered in global order) and this rank's chunks of it returned."""
+        cp = self.factory.cp
+        return fn(x) if cp is None or not cp.enabled else cp.mine(fn(cp.whole(x)))
+
+    def sequence_positions(self, seq_len: int, device: torch.device,
+                           document_ids: torch.Tensor | None) -> torch.Tensor:
+        """Each token's index in its document (``document_ids`` given) or in the row: ``[b or 1, seq_len]``."""
+        if document_ids is not None:
+            return self._over_sequence(document_positions, document_ids)
+        cp = self.factory.cp
+        if cp is not None and cp.enabled:  # this rank's chunks' global indices
+            return cp.positions(seq_len, device)
+        return torch.arange(seq_len, device=device)[None]
+
     def positions(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None) -> torch.Tensor:
         """Position ids: restarting in every document under document masking, else 0, 1, ...; RoBERTa's are
         offset past the pad id (and equal it on padding)."""
-        if document_ids is not None:
-            return document_positions(document_ids) + self.cfg.position_offset
-        if self.cfg.flavour == "roberta":
-            return roberta_positions(input_ids, self.cfg.pad_token_id)
-        return torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        if document_ids is None and self.cfg.flavour == "roberta":
+            return self._over_sequence(lambda ids: roberta_positions(ids, self.cfg.pad_token_id), input_ids)
+        return self.sequence_positions(input_ids.shape[1], input_ids.device, document_ids) + self.cfg.position_offset
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
               document_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,15 +197,20 @@ class Encoder(nn.Module):
     def context(self, seq_len: int, attention_mask: torch.Tensor | None, device: torch.device,
                 document_ids: torch.Tensor | None = None) -> Context:
         docs = self.documents(document_ids)
-        documents = None if docs is None else DocumentMask(docs)
-        if not self.cfg.modern:
-            return Context(key_mask=attention_mask, rope={}, local_mask=None, documents=documents)
-        self._check_length(seq_len)
-        pos = torch.arange(seq_len, device=device)[None] if docs is None else document_positions(docs)
-        rope = {g: (getattr(self, f"rope_cos_{g}")[pos][:, :, None, None],
-                    getattr(self, f"rope_sin_{g}")[pos][:, :, None, None]) for g in (True, False)}
+        rope, half = {}, self.cfg.local_window // 2
+        if self.cfg.modern:
+            self._check_length(seq_len)
+            pos = self.sequence_positions(seq_len, device, docs)
+            rope = {g: (getattr(self, f"rope_cos_{g}")[pos][:, :, None, None],
+                        getattr(self, f"rope_sin_{g}")[pos][:, :, None, None]) for g in (True, False)}
+        cp = None if self.factory.cp is None else self.factory.cp.forward_state(
+            seq_len, docs, device, causal=False, key_mask=attention_mask)
+        if cp is not None:
+            local = cp.with_pattern(lambda q, k: (q - k).abs() <= half, reach=half)
+            return Context(key_mask=None, rope=rope, local_mask=None, cp={True: cp, False: local})
         return Context(key_mask=attention_mask, rope=rope,
-                       local_mask=band_mask(seq_len, self.cfg.local_window // 2, device), documents=documents)
+                       local_mask=band_mask(seq_len, half, device) if self.cfg.modern else None,
+                       documents=None if docs is None else DocumentMask(docs))
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
         """Leave the sequence-parallel region (after ModernBERT's final norm): ``[b, s, d]``."""
@@ -214,7 +244,8 @@ class Encoder(nn.Module):
 
     def nsp_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Next-sentence (or sentence-order) logits ``[b, 2]`` from the first token's hidden state."""
-        return self.nsp(torch.tanh(self.pooler(h[:, 0])))
+        cls = h[:, 0] if self.factory.cp is None else self.factory.cp.first(h)  # context rank 0's, on every rank
+        return self.nsp(torch.tanh(self.pooler(cls)))
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -228,12 +259,14 @@ class Encoder(nn.Module):
 
         Between stages travels ``(hidden states, attention mask, token types, document ids)`` (every stage needs
         the mask and the documents); the first stage embeds the token ids, the last returns this rank's
-        vocabulary shard of the MLM logits.
+        vocabulary shard of the MLM logits, with ``nsp_head`` also the next-sentence logits (the pipeline adds
+        their loss: :class:`pretrain.parallel.pipeline.PipelineEngine`).
         """
         h = self.embed(x, types, docs) if first else x
         ctx = self.context(mask.shape[1], mask, mask.device, docs)
         for block in self.blocks:
             h = block(h, ctx)
         if last:
-            return self.mlm_logits(self.final(h)), {}
+            h = self.final(h)
+            return ((self.mlm_logits(h), self.nsp_logits(h)) if self.nsp is not None else self.mlm_logits(h)), {}
         return (h, mask, types, docs), {}

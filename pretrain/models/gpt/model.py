@@ -222,18 +222,26 @@ class GPT(nn.Module):
         h, _ = self.hidden(input_ids, position_ids, document_ids, cache)
         return self.factory.gather_logits(self.head(h))
 
-    def stage_forward(self, x: torch.Tensor, first: bool, last: bool) -> tuple[torch.Tensor, dict]:
+    def stage_forward(self, x: torch.Tensor, *packed: torch.Tensor, first: bool,
+                      last: bool) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], dict]:
         """One pipeline stage of a model cut by :func:`pretrain.models.gpt.parallelize.pipeline_stage`: token ids
         (first stage) or hidden states in; hidden states out, or this rank's vocabulary shard of the logits on
-        the last stage; plus the Switch auxiliary losses of its blocks."""
+        the last stage; plus the Switch auxiliary losses of its blocks. ``packed``: the batch's ``(position ids,
+        document ids)`` when it has them (:func:`~pretrain.models.gpt.parallelize.stage_inputs`); they travel
+        with the hidden states, so every stage places positions and masks attention within each document."""
+        pos, docs = packed if packed else (None, None)
+        if pos is not None and not first:  # no-op on real ids; torch's first (shape-inference) forward of a later
+            pos = pos.clamp(0, self.cfg.max_seq_len - 1)  # stage sends uninitialised placeholder tensors
         if first:
-            ids, h = x, self.embed(x)
-        else:  # positions and RoPE depend only on the (full) sequence length
+            ids, h = x, self.embed(x, pos)
+        else:  # without packed inputs, positions and RoPE depend only on the (full) sequence length
             ids, h = x.new_zeros(x.shape[0], x.shape[1] * self.factory.sequence_shards, dtype=torch.long), x
-        ctx = self.context(ids)
+        ctx = self.context(ids, pos, docs)
         for block in self.blocks:
             h = block(h, ctx)
-        return (self.head(self.final(h)) if last else h), ctx.moe_aux
+        if last:
+            return self.head(self.final(h)), ctx.moe_aux
+        return ((h, *packed) if packed else h), ctx.moe_aux
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.tok_emb.weight

@@ -43,4 +43,12 @@ def pipeline_stage(model: GPT, blocks: range, first: bool, last: bool) -> GPT:
 
 
 def stage_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    return (batch["input_ids"],)
+    """``(input ids,)``, or ``(input ids, position ids, document ids)`` when the batch has position ids (packed
+    documents: the data pipeline gives both; absent document ids are one document per row)."""
+    ids = batch["input_ids"]
+    if "position_ids" not in batch:
+        if "document_ids" in batch:
+            raise ValueError("a pipeline stage got document_ids without position_ids: batches of packed documents "
+                             "carry both (data.document_mask gives them)")
+        return (ids,)
+    return ids, batch["position_ids"], batch["document_ids"] if "document_ids" in batch else torch.zeros_like(ids)

@@ -12,12 +12,22 @@ tensor-parallel rank, so no ``stride`` is needed); cross-attention fuses K and V
 position tables are drawn for all heads on every rank (one seed, one model under any tensor-parallel size) and
 each rank uses its heads' columns (``factory.head_shard``). Under sequence parallelism the encoder output
 stays sequence-sharded: the decoder's cross-attention ``column`` projections gather it themselves.
+
+Under context parallelism (``factory.cp`` inside its ``sharding()``, see :mod:`pretrain.parallel.context`) each
+rank holds the load-balanced chunks of the encoder's and of the decoder's sequence (each split by its own
+length). Every self- and cross-attention attends this rank's queries to all of the context group's keys and
+values: gathered in global order (``cp.whole``: all-gather, reduce-scatter backward) under
+``parallel.cp_comm=all_gather``, passed around the ring under ``ring``
+(:func:`pretrain.parallel.context_t5.ring_attention`). The relative position bias is computed for the queries'
+global positions against every key's, so the bias tables get the one-process gradients, and the decoder's
+causal mask, the encoder's padding mask and a sparse pattern are likewise taken in global positions.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -27,8 +37,9 @@ from pretrain.models.layers import LayerFactory, LocalLayers
 from pretrain.models.mlp import MLP
 from pretrain.models.moe import SwitchMLP
 from pretrain.models.output import ModelOutput, lm_output
-from pretrain.models.patterns import attention_mask_for
+from pretrain.models.patterns import attention_mask_for, mask_mod
 from pretrain.models.t5.config import T5Config
+from pretrain.parallel.context_t5 import key_positions, keys_whole, ring_attention
 
 
 def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int,
@@ -52,7 +63,8 @@ class T5Context:
     bias: torch.Tensor  # relative position bias of self-attention, [1, local_heads, q_len, k_len]
     key_mask: torch.Tensor | None  # encoder padding (1 = token): encoder self-attn and decoder cross-attn keys
     encoder_out: torch.Tensor | None = None  # set for the decoder
-    mask: torch.Tensor | None = None  # encoder: the sparse pattern's boolean mask (pretrain.models.patterns)
+    mask: torch.Tensor | None = None  # self-attention's boolean mask: encoder sparse pattern, decoder causal (CP)
+    cp: Any = None  # the context group (pretrain.parallel.context.ContextParallel) of a context-parallel forward
     moe_aux: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -78,16 +90,19 @@ class Attention(nn.Module):
             q = q.view(b, s, self.heads, self.d_kv)
             kv = self.kv(ctx.encoder_out)
             k, v = kv.view(b, kv.shape[1], self.heads, 2, self.d_kv).unbind(3)
-            bias, causal = None, False
+            bias, mask, decoder = None, None, False
         else:
             qkv = self.qkv(x)
             b, s = qkv.shape[:2]
-            qkv = qkv.view(b, s, self.heads, 3, self.d_kv)
-            q, k, v = qkv.unbind(3)
-            bias, causal = ctx.bias, ctx.encoder_out is not None
-        key_mask = None if causal else ctx.key_mask
-        y = attention(q, k, v, causal=causal, backend=self.backend, key_mask=key_mask, bias=bias, scale=1.0,
-                      mask=ctx.mask)
+            q, k, v = qkv.view(b, s, self.heads, 3, self.d_kv).unbind(3)
+            bias, mask, decoder = ctx.bias, ctx.mask, ctx.encoder_out is not None
+        key_mask = None if decoder else ctx.key_mask
+        if ctx.cp is not None and ctx.cp.comm == "ring":  # local K/V; bias and masks over all keys in ring order
+            return self.o(ring_attention(q, k, v, ctx.cp, bias, mask, key_mask).reshape(b, s, -1))
+        if ctx.cp is not None:  # the context group's keys and values, in global order
+            k, v = ctx.cp.whole(torch.stack([k, v], 3)).unbind(3)
+        y = attention(q, k, v, causal=decoder and ctx.cp is None, backend=self.backend, key_mask=key_mask, bias=bias,
+                      scale=1.0, mask=mask)
         return self.o(y.reshape(b, s, -1))
 
 
@@ -128,8 +143,9 @@ class Stack(nn.Module):
                                     for i in range(n))
         self.norm = factory.norm(cfg.d_model, "rmsnorm", cfg.norm_eps)
 
-    def position_bias(self, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
-        rel = torch.arange(k_len, device=device)[None] - torch.arange(q_len, device=device)[:, None]
+    def position_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Bias ``[1, local_heads, q, k]`` of queries at positions ``q_pos`` ``[q]`` to keys at ``k_pos`` ``[k]``."""
+        rel = k_pos[None] - q_pos[:, None]
         buckets = relative_position_bucket(rel, not self.decoder, self.cfg.relative_attention_num_buckets,
                                            self.cfg.relative_attention_max_distance)
         return self.factory.head_shard(self.relative_bias(buckets).permute(2, 0, 1)[None])
@@ -154,17 +170,37 @@ class T5(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.factory.scatter_sequence(self.embedding(input_ids))
 
+    def positions(self, seq_len: int, attention_mask: torch.Tensor | None, device: torch.device):
+        """``(query positions [seq_len], key positions, encoder padding mask, context group or None)`` of a stack's
+        self-attention; under context parallelism this rank's chunks' global positions against the whole
+        sequence's, and the whole encoder's padding mask, keys in the order the attention takes them
+        (:func:`pretrain.parallel.context_t5.key_positions`)."""
+        cp = self.factory.cp
+        if cp is None or not cp.enabled:
+            pos = torch.arange(seq_len, device=device)
+            return pos, pos, attention_mask, None
+        key_mask = None if attention_mask is None else keys_whole(cp, attention_mask)
+        return cp.positions(seq_len, device)[0], key_positions(cp, seq_len, device), key_mask, cp
+
     def encoder_context(self, seq_len: int, attention_mask: torch.Tensor | None, device: torch.device,
                         moe_aux: dict | None = None) -> T5Context:
-        bias = self.encoder.position_bias(seq_len, seq_len, device)
-        mask = attention_mask_for(self.cfg.sparse, seq_len, seq_len, causal=False, device=device)
-        return T5Context(bias=bias, key_mask=attention_mask, mask=mask, moe_aux={} if moe_aux is None else moe_aux)
+        q_pos, k_pos, key_mask, cp = self.positions(seq_len, attention_mask, device)
+        bias = self.encoder.position_bias(q_pos, k_pos)
+        if cp is None:
+            mask = attention_mask_for(self.cfg.sparse, seq_len, seq_len, causal=False, device=device)
+        elif self.cfg.sparse.enabled:  # the pattern in global positions, evaluated on the host like pattern_mask
+            keep = mask_mod(self.cfg.sparse, len(k_pos), False)(0, 0, q_pos.cpu()[:, None], k_pos.cpu()[None])
+            mask = keep.to(device)[None, None]
+        else:
+            mask = None
+        return T5Context(bias=bias, key_mask=key_mask, mask=mask, cp=cp, moe_aux={} if moe_aux is None else moe_aux)
 
     def decoder_context(self, seq_len: int, attention_mask: torch.Tensor | None, encoder_out: torch.Tensor,
                         moe_aux: dict | None = None) -> T5Context:
-        bias = self.decoder.position_bias(seq_len, seq_len, encoder_out.device)
-        return T5Context(bias=bias, key_mask=attention_mask, encoder_out=encoder_out,
-                         moe_aux={} if moe_aux is None else moe_aux)
+        q_pos, k_pos, key_mask, cp = self.positions(seq_len, attention_mask, encoder_out.device)
+        mask = None if cp is None else (k_pos[None] <= q_pos[:, None])[None, None]  # causal in global positions
+        return T5Context(bias=self.decoder.position_bias(q_pos, k_pos), key_mask=key_mask, encoder_out=encoder_out,
+                         mask=mask, cp=cp, moe_aux={} if moe_aux is None else moe_aux)
 
     def final(self, h: torch.Tensor) -> torch.Tensor:
         """The decoder's output leaving the sequence-parallel region, scaled for a tied head as in T5."""
