@@ -37,6 +37,7 @@ from pretrain.launch.env import detect
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped with a checkpoint on request; run me again to resume
 HUNG_EXIT_CODE = 124  # the watchdog saw no progress (as coreutils `timeout` reports)
+LINGER_S = 30.0  # a hung rank's watchdog stays this long (at most its timeout) after dumping its stacks
 DEFAULT_REQUEUE_LIMIT = 3
 
 
@@ -168,7 +169,9 @@ class Watchdog:
     ``"checkpoint save"``); if no beat arrives for ``timeout_s`` the watchdog prints which rank, host, phase
     and last step, dumps every thread's Python stack (faulthandler; also into ``dump_dir/hang_rankNNNNN.txt`` when
     given: every rank's watchdog fires in a hang, so the run directory gets one file per rank) and exits with
-    :data:`HUNG_EXIT_CODE`.
+    :data:`HUNG_EXIT_CODE` after lingering :data:`LINGER_S` (at most ``timeout_s``), so that the ranks which last
+    beat a step later, waiting in a collective for this one, fire and leave their stacks before its exit breaks
+    their connections.
     Under Slurm with ``--kill-on-bad-exit`` that ends the whole job.
     """
 
@@ -211,6 +214,9 @@ class Watchdog:
                     self._dump(os.path.join(self.dump_dir, f"hang_rank{denv.rank:05d}.txt"),
                                f"rank {denv.rank} on {denv.node_name}: no progress for {idle:.0f} s in "
                                f"'{self.phase}'; last step: {self.step}\n")
+                # the other ranks of a hang wait in a collective since their own last beat, at most about one
+                # step after ours: exiting at once would close their connections before their watchdogs fire
+                time.sleep(min(self.timeout_s, LINGER_S))
                 os._exit(self.exit_code)
 
     @staticmethod

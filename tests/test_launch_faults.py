@@ -147,13 +147,18 @@ def test_sigkill_of_the_launcher_takes_its_ranks_down(jobs, tiny_shard_prefix, t
 
 
 # Rank 1 stalls in its first optimizer step (a global optimizer hook, installed at interpreter start through a
-# sitecustomize module on PYTHONPATH): the hang watchdog must fire, whatever the speed of the machine.
+# sitecustomize module on PYTHONPATH): the hang watchdog must fire, whatever the speed of the machine. Rank 0's
+# first optimizer step takes 2 s, as on a loaded machine: its last beat (the next step's) comes 2 s after rank
+# 1's, so its watchdog fires after rank 1's, which must not exit before rank 0 has left its stacks.
 STALL = textwrap.dedent("""
     import os
+    import time
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
     if os.environ.get("RANK") == "1":
-        import time
-        from torch.optim.optimizer import register_optimizer_step_pre_hook
         register_optimizer_step_pre_hook(lambda *args: time.sleep(3600))
+    else:
+        first = []
+        register_optimizer_step_pre_hook(lambda *args: first or first.append(time.sleep(2)))
 """)
 
 
