@@ -174,7 +174,7 @@ def _build_stream(kind: str, cfg: dict, tokenizer: Tokenizer, entries: list[str]
                                                     **masking_options(tokenizer, cfg["mask_token"],
                                                                       cfg["whole_word_mask"], cfg["sentence_pairs"],
                                                                       cfg["document_mask"]))
-    packing = Packing(kind, cfg["seq_length"], tokenizer.eod_id, cfg["eod_mask_loss"], cfg["document_mask"],
+    packing = Packing(cfg["seq_length"], tokenizer.eod_id, cfg["eod_mask_loss"], cfg["document_mask"],
                       corruption, masking)
     return StreamTrainData(datasets, weights, num_samples, tokenizer, packing, fingerprints, collate)
 

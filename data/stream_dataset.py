@@ -58,9 +58,9 @@ class SourceSpec:
 
 @dataclass
 class Packing:
-    """How samples are cut from a lane's token stream and built (picklable)."""
+    """How samples are cut from a lane's token stream and built (picklable): GPT windows, or T5 chunks
+    (``corruption``), or masked-LM chunks (``masking``)."""
 
-    kind: str  # gpt | t5 | mlm
     seq_length: int
     eod_id: int
     eod_mask_loss: bool = False
@@ -77,7 +77,8 @@ class Packing:
 
     @property
     def extra(self) -> int:
-        return 1 if self.kind == "gpt" else 0
+        """Tokens a sample reads past its span: a GPT window's shifted label."""
+        return int(self.corruption is None and self.masking is None)
 
     def sample(self, tokens: np.ndarray, pieces: np.ndarray, sample_id: int) -> dict[str, np.ndarray]:
         if self.masking is not None:

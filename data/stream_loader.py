@@ -53,6 +53,12 @@ class Answer(NamedTuple):
     bad: dict | None
 
 
+def _answer(lanes: dict, key, n: int) -> Answer:
+    """Lane ``key``'s next ``n`` samples, with its cursor and bad-input counts after them."""
+    lane = lanes[key]
+    return Answer(key, [lane.next_sample() for _ in range(n)], list(lane.cursor), asdict(lane.bad))
+
+
 def _serve(lanes: dict, requests, results) -> None:
     """Worker loop: for each request ``(key, n)`` send ``(key, samples, cursor, bad counts)``; None stops."""
     while True:
@@ -61,9 +67,7 @@ def _serve(lanes: dict, requests, results) -> None:
             return
         key, n = request
         try:
-            lane = lanes[key]
-            samples = [lane.next_sample() for _ in range(n)]
-            results.put((key, samples, list(lane.cursor), asdict(lane.bad)))
+            results.put(_answer(lanes, key, n))
         except Exception as e:  # noqa: BLE001 - reported to the training process, which raises it
             results.put((key, None, f"{type(e).__name__}: {e}", None))
 
@@ -85,8 +89,7 @@ class _Worker:
         if self.proc is not None:
             self.requests.put((key, n))
             return
-        lane = self.lanes[key]
-        self.done.append((key, [lane.next_sample() for _ in range(n)], list(lane.cursor), asdict(lane.bad)))
+        self.done.append(_answer(self.lanes, key, n))
 
     def answer(self) -> Answer:
         if self.proc is None:

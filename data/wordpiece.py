@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from pretrain.data.tokenizer import HF_FILE, HFTokenizer
+from pretrain.data.tokenizer import HF_FILE, HFTokenizer, _atomic_write
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -29,7 +29,5 @@ def train_wordpiece(texts: Iterable[str], output_dir: str | Path, vocab_size: in
     tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS)))
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (HF_FILE + ".tmp")
-    tok.save(str(tmp))
-    tmp.replace(out / HF_FILE)
+    _atomic_write(out / HF_FILE, tok.to_str(pretty=True).encode())
     return HFTokenizer(out / HF_FILE)

@@ -223,6 +223,7 @@ class ContextParallel:
     def __init__(self, group: ProcessGroup, comm: str = "all_gather"):
         self.group, self.size, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
         self.comm, self.enabled = comm, False
+        self._orders: dict[tuple[int, torch.device], torch.Tensor] = {}  # whole()'s gathered -> global order
 
     @contextlib.contextmanager
     def sharding(self):
@@ -245,8 +246,19 @@ class ContextParallel:
         that decide over the whole sequence: MoE capacity, dropping, aux losses); backward: reduce-scatter."""
         if not self.enabled:
             return x
-        order = torch.cat([chunk_index(r, self.size, x.shape[1]) for r in range(self.size)]).argsort()
-        return _GatherSequence.apply(x, 1, self.group).index_select(1, order.to(x.device))
+        key = (x.shape[1], x.device)
+        if key not in self._orders:  # built on the host and moved once per length and device
+            self._orders[key] = self.gathered_index(x.shape[1]).argsort().to(x.device)
+        return _GatherSequence.apply(x, 1, self.group).index_select(1, self._orders[key])
+
+    def gathered_index(self, local_len: int, device: torch.device | None = None) -> torch.Tensor:
+        """Global indices of the context group's tokens in gathered order (rank 0's chunks, then rank 1's, ...:
+        the order of an all-gather and of the ring's blocks)."""
+        return torch.cat([chunk_index(r, self.size, local_len, device) for r in range(self.size)])
+
+    def gathered(self, x: torch.Tensor) -> torch.Tensor:
+        """Every context rank's ``x`` ``[batch, local, ...]`` in gathered order (no gradient: ids and masks)."""
+        return _gather(x, 1, self.group)
 
     def first(self, x: torch.Tensor) -> torch.Tensor:
         """The sequence's first token ``x[:, 0]`` (held by context rank 0) on every context rank, e.g. BERT's [CLS]
@@ -277,9 +289,9 @@ class ContextParallel:
         if not self.enabled:
             return None
         q_index = chunk_index(self.rank, self.size, local_len)  # on the host; ContextAttention moves them
-        k_index = torch.cat([chunk_index(r, self.size, local_len) for r in range(self.size)])
-        k_docs = None if document_ids is None else _gather(document_ids, 1, self.group)
-        k_keep = None if key_mask is None else _gather(key_mask, 1, self.group).bool()
+        k_index = self.gathered_index(local_len)
+        k_docs = None if document_ids is None else self.gathered(document_ids)
+        k_keep = None if key_mask is None else self.gathered(key_mask).bool()
         pattern = None
         if sparse is not None and sparse.enabled:
             from pretrain.models.patterns import mask_mod

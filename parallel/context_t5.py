@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.parallel.context import chunk_index
 from pretrain.parallel.ring import RingAttention, RingPlan
 
 
@@ -29,13 +28,13 @@ def key_positions(cp, local_len: int, device: torch.device) -> torch.Tensor:
     them: global order for ``all_gather`` (``cp.whole``), ring order for ``ring``."""
     if cp.comm != "ring":
         return torch.arange(local_len * cp.size, device=device)
-    return torch.cat([chunk_index(r, cp.size, local_len, device) for r in range(cp.size)])
+    return cp.gathered_index(local_len, device)
 
 
 def keys_whole(cp, x: torch.Tensor) -> torch.Tensor:
-    """Every context rank's ``x`` ``[b, local, ...]`` (e.g. a padding mask) in the order of :func:`key_positions`."""
-    whole = cp.whole(x)
-    return whole if cp.comm != "ring" else whole.index_select(1, key_positions(cp, x.shape[1], x.device))
+    """Every context rank's padding mask ``x`` ``[b, local]`` in the order of :func:`key_positions` (the ring's is the
+    all-gather's own order; no gradient)."""
+    return cp.whole(x) if cp.comm != "ring" else cp.gathered(x)
 
 
 class BiasRingPlan(RingPlan):

@@ -79,7 +79,7 @@ class AllToAllSortedDispatcher(SortedDispatcher):
         return got.index_select(0, perm), local_offs, _Sent(order, perm, send, recv)
 
     def combine(self, y, state):
-        y = torch.empty_like(y).index_copy(0, state.perm, y)  # back to [source][expert] order
+        y = super().combine(y, state.perm)  # back to [source][expert] order
         back = dist_fn.all_to_all_single(y.new_empty(sum(state.send), y.shape[1]), y, state.send, state.recv,
                                          group=self.group)
         return super().combine(back, state.order)

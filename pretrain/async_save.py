@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -108,16 +108,16 @@ class CheckpointWriter:
             return path
         model_state, state = self._copy(model_state), self._copy(state)
         self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True,
-                                        args=(ckpt.save_checkpoint, (root, step, model_state, state, meta), kwargs))
+                                        args=((root, step, model_state, state, meta), kwargs))
         self._thread.start()
         log.info("checkpoint of step %d: host copy in %.3f s, writing in the background", step,
                  time.perf_counter() - start)
         return Path(root) / ckpt.step_dir_name(step)
 
-    def _run(self, save: Callable[..., Path], args: tuple, kwargs: dict) -> None:
+    def _run(self, args: tuple, kwargs: dict) -> None:
         start = time.perf_counter()
         try:
-            path = save(*args, **kwargs)
+            path = ckpt.save_checkpoint(*args, **kwargs)
             log.info("saved checkpoint %s (written in the background in %.2f s)", path, time.perf_counter() - start)
         except Exception as e:  # re-raised on the main thread by poll / wait
             self._error = e

@@ -151,13 +151,11 @@ def _wait_published(step_dir: Path, timeout_s: float = 3600.0) -> None:
         time.sleep(0.5)
 
 
-def logit_difference(step_dir: Path, hf_dir: Path) -> float | None:
-    """Largest |our logit - transformers' logit| on 64 random ids (seed 0); None for encoder-decoders."""
+def logit_difference(ours, hf_dir: Path) -> float | None:
+    """Largest |our logit - transformers' logit| on 64 random ids (seed 0), ``ours`` the checkpoint's loaded model
+    (:func:`pretrain.evals.pretrain_model.load_checkpoint_model`); None for encoder-decoders."""
     from transformers import AutoModelForCausalLM
 
-    from pretrain.evals.pretrain_model import load_checkpoint_model
-
-    ours = load_checkpoint_model(step_dir)
     if ours.is_encoder_decoder:
         return None
     theirs = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
@@ -177,13 +175,12 @@ def evaluate(step_dir: Path, tasks: list[str], limit: int, fewshot: int) -> dict
     _wait_published(step_dir)
     meta = json.loads((step_dir / ckpt.META).read_text())
     row: dict = {"step": meta["step"]}
+    model = load_checkpoint_model(step_dir)
     with tempfile.TemporaryDirectory(prefix="eval_on_save_") as tmp:
-        hf_dir = export(step_dir, Path(tmp) / "hf")
-        diff = logit_difference(step_dir, hf_dir)
+        diff = logit_difference(model, export(step_dir, Path(tmp) / "hf"))
     if diff is not None:
         row["eval_on_save/logit_max_abs_diff"] = diff
     if tasks:
-        model = load_checkpoint_model(step_dir)
         row.update(scalar_metrics(evaluate_tasks(model, tasks, fewshot, limit or None, progress=False)))
     row["eval_on_save/seconds"] = time.perf_counter() - start
     return row

@@ -323,12 +323,11 @@ class Trainer:
                     code = EXIT_NONFINITE
             else:
                 bad_in_row = 0
-            record = {"step": self.step, "loss": out.loss, "lm_loss": out.lm_loss, "lr": lr,
-                      "grad_norm": out.grad_norm, "batch_size": gbs, "consumed_samples": self.consumed_samples,
-                      "skipped": out.skipped, **getattr(self.train_data, "metrics", dict)(),  # raw text: bad input
-                      **self.spikes.metrics()}
             if self.step % self.cfg.logging.interval == 0 or self.step == total or out.skipped:
-                record.update(self.balance.metrics())
+                record = {"step": self.step, "loss": out.loss, "lm_loss": out.lm_loss, "lr": lr,
+                          "grad_norm": out.grad_norm, "batch_size": gbs, "consumed_samples": self.consumed_samples,
+                          "skipped": out.skipped, **getattr(self.train_data, "metrics", dict)(),  # raw text: bad input
+                          **self.spikes.metrics(), **self.balance.metrics()}
                 self._log(record, window, total)
                 window = _Window()
             if t.eval_interval and self.valid_data is not None and (

@@ -194,8 +194,9 @@ def export(ckpt: str | Path, out_dir: str | Path, tokenizer: str | None = None, 
         kwargs = hf.to_config(cfg, arch, {k: ids.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
         tok_config = tmp / "tokenizer_config.json"  # the family's special tokens (an encoder's mask token)
         tok_values = json.loads(tok_config.read_text()) if tok_config.exists() else {}
-        if hf.tokenizer_tokens(meta["config"], tok_values):
-            tok_config.write_text(json.dumps({**tok_values, **hf.tokenizer_tokens(meta["config"], tok_values)}))
+        family_tokens = hf.tokenizer_tokens(meta["config"], tok_values)
+        if family_tokens:
+            tok_config.write_text(json.dumps({**tok_values, **family_tokens}))
         model_cls, config_cls = hf_classes(family, arch)
         hf_config = config_cls(**kwargs, architectures=[arch], dtype="float32")
         check_config_kept(hf_config, kwargs)

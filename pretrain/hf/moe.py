@@ -60,11 +60,6 @@ ROUTERS = {
 SWITCH_ROUTER = Router("SwitchTransformersForConditionalGeneration", normalize=(False,), top_k=False)
 
 
-def expert_width(moe, ffn: int) -> int:
-    """Hidden width of one routed expert (``model.moe.expert_ffn_size``, default the dense width)."""
-    return moe.expert_ffn_size or ffn
-
-
 def check_router(moe, router: Router, ffn: int) -> None:
     """Refuse, naming our field, a router setting ``router.arch`` cannot compute."""
     arch = router.arch
@@ -83,7 +78,7 @@ def check_router(moe, router: Router, ffn: int) -> None:
     need(not moe.shared_ffn_size or moe.shared_gate == (router.shared == "gated"),
          f"model.moe.shared_gate={moe.shared_gate}: {arch}'s shared expert is "
          f"{'gated by sigmoid(x @ w)' if router.shared == 'gated' else 'not gated'}")
-    width = expert_width(moe, ffn)
+    width = moe.expert_hidden(ffn)
     need(router.shared != "plain" or moe.shared_ffn_size % width == 0,
          f"model.moe.shared_ffn_size={moe.shared_ffn_size}: {arch} has n_shared_experts shared experts of the "
          f"expert width {width}; use a multiple of it")

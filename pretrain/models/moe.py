@@ -76,6 +76,10 @@ class MoEConfig:
     def is_moe_layer(self, index: int) -> bool:
         return self.enabled and index >= self.first_dense and index % self.every == self.every - 1
 
+    def expert_hidden(self, ffn: int) -> int:
+        """Hidden width of one routed expert: ``expert_ffn_size``, default the model's dense width ``ffn``."""
+        return self.expert_ffn_size or ffn
+
     def validate(self, prefix: str = "model.moe") -> None:
         if self.num_experts < 0 or self.num_experts == 1:
             raise ValueError(f"{prefix}.num_experts={self.num_experts}: use 0 (dense) or at least 2 experts")
@@ -147,7 +151,7 @@ class SwitchMLP(nn.Module):
                  in_std: float, out_std: float, router_std: float = 0.02, factory: LayerFactory | None = None):
         super().__init__()
         self.cfg, self.activation, self.factory = cfg, activation, factory or LocalLayers()
-        e, expert_hidden = cfg.num_experts, cfg.expert_ffn_size or hidden
+        e, expert_hidden = cfg.num_experts, cfg.expert_hidden(hidden)
         width = expert_hidden * (2 if is_gated(activation) else 1)
         self.router = nn.Parameter(init_normal_(torch.empty(e, dim), router_std))
         self.w_in = nn.Parameter(init_normal_(torch.empty(e, dim, width), in_std))

@@ -27,6 +27,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from pretrain.config import Config
+from pretrain.plan.memory import micro_batch_count
 
 
 def _walk(nodes):
@@ -108,8 +109,7 @@ def measured_peak(cfg: Config, data_parallel: int, steps: int = 2) -> int:
     the host)."""
     from pretrain.engines import build_engine
 
-    cp = getattr(cfg.parallel, "cp", 1)
-    micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * (data_parallel // cp))
+    micro = micro_batch_count(cfg, data_parallel)
     batches = random_batches(cfg, micro)
     gc.collect()  # what earlier runs in this process left behind is freed before counting starts
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

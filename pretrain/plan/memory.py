@@ -176,14 +176,20 @@ def _activations(cfg: Config, parts: list[tuple[int, Part]], tp: int, sp: bool) 
     return saved, backward
 
 
+def micro_batch_count(cfg: Config, data_parallel: int) -> int:
+    """Micro-batches per optimizer step on each rank: the global batch over the micro-batch and the data replicas
+    (``data_parallel / cp``: the context ranks of a replica read the same samples)."""
+    t = cfg.train
+    return t.global_batch_size // (t.micro_batch_size * (data_parallel // cfg.parallel.cp))
+
+
 def stage_memory(cfg: Config, world_size: int, stage: int, shape: Shape | None = None) -> Memory:
     """:class:`Memory` of pipeline rank ``stage`` of ``cfg``'s layout on ``world_size`` ranks (``shape``:
     default :func:`~pretrain.plan.shapes.model_shape` of ``cfg``)."""
     p, t = cfg.parallel, cfg.train
     shape = shape or model_shape(cfg)
-    cp = getattr(p, "cp", 1)
     dp = world_size // (p.tp * p.pp)
-    micro_batches = t.global_batch_size // (t.micro_batch_size * (dp // cp))
+    micro_batches = micro_batch_count(cfg, dp)
     parts = stage_parts(shape, p.pp, p.vpp, stage)
     m = Memory(stage=stage, overhead=OVERHEAD_BYTES)
     dense = sum(part.tp / p.tp + part.rep for _, part in parts)
@@ -192,7 +198,7 @@ def stage_memory(cfg: Config, world_size: int, stage: int, shape: Shape | None =
     reduce = _model_states(m, cfg, dense, experts, largest, dp, micro_batches)
     act_bytes = 2 if t.precision == "bf16" else 4
     saved, backward = _activations(cfg, parts, p.tp, p.sp)
-    samples = t.micro_batch_size / cp
+    samples = t.micro_batch_size / p.cp
     m.activations = act_bytes * samples * saved * in_flight(p.pp, p.vpp, stage, micro_batches)
     loss = 0.0
     if stage == p.pp - 1:
@@ -214,7 +220,8 @@ def stage_memory(cfg: Config, world_size: int, stage: int, shape: Shape | None =
     return m
 
 
-def memory(cfg: Config, world_size: int) -> Memory:
-    """The peak rank's :class:`Memory` (the pipeline stage with the largest total)."""
-    shape = model_shape(cfg)
+def memory(cfg: Config, world_size: int, shape: Shape | None = None) -> Memory:
+    """The peak rank's :class:`Memory` (the pipeline stage with the largest total; ``shape`` as
+    :func:`stage_memory`'s)."""
+    shape = shape or model_shape(cfg)
     return max((stage_memory(cfg, world_size, s, shape) for s in range(cfg.parallel.pp)), key=lambda m: m.total)

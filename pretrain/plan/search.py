@@ -18,7 +18,7 @@ from pretrain.config import Config
 from pretrain.configlib import ConfigError
 from pretrain.plan.hardware import Device
 from pretrain.plan.memory import Memory, memory
-from pretrain.plan.shapes import model_shape
+from pretrain.plan.shapes import Shape, model_shape
 from pretrain.plan.timing import Timing, local_params, timing
 
 LAYOUT_KEYS = ("tp", "pp", "vpp", "ep", "sp", "zero", "offload_optimizer", "offload_params")
@@ -61,11 +61,12 @@ def refusal(cfg: Config, world_size: int) -> str | None:
     return None
 
 
-def estimate(cfg: Config, world_size: int, per_node: int, device: Device, efficiency: float | None = None
-             ) -> Estimate:
-    """Memory and timing of ``cfg``'s own layout (assumed valid)."""
-    mem = memory(cfg, world_size)
-    shape = model_shape(cfg)
+def estimate(cfg: Config, world_size: int, per_node: int, device: Device, efficiency: float | None = None,
+             shape: Shape | None = None) -> Estimate:
+    """Memory and timing of ``cfg``'s own layout (assumed valid); ``shape``: ``cfg``'s
+    :func:`~pretrain.plan.shapes.model_shape` when the caller has it (no layout key changes it)."""
+    shape = shape or model_shape(cfg)
+    mem = memory(cfg, world_size, shape)
     tim = timing(cfg, world_size, per_node, device, shape, local_params(cfg, shape, mem.stage), efficiency)
     return Estimate(layout_of(cfg), mem, tim, mem.total <= device.memory_bytes)
 
@@ -96,12 +97,14 @@ def search(cfg: Config, world_size: int, per_node: int, device: Device, efficien
            ) -> tuple[list[Estimate], list[tuple[dict, str]]]:
     """(ranked estimates, refused layouts with the reason)."""
     found, refused = [], []
+    shape = None  # built at the first estimate: the same for every layout
     for layout in candidates(cfg, world_size, per_node):
         trial = with_layout(cfg, layout)
         reason = refusal(trial, world_size)
         if reason:
             refused.append((layout, reason))
         else:
-            found.append(estimate(trial, world_size, per_node, device, efficiency))
+            shape = shape or model_shape(cfg)
+            found.append(estimate(trial, world_size, per_node, device, efficiency, shape))
     found.sort(key=lambda e: (not e.fits, -e.timing.tokens_per_gpu, e.memory.total))
     return found, refused

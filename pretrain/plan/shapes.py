@@ -105,17 +105,17 @@ def _ffn(moe: Any, index: int, d: int, hidden: int, activation: str, bias: bool,
     inputs = Part(act_rep=2 * d * tokens)  # the norm's input and the FFN's input
     if not moe.is_moe_layer(index):
         return _add(inputs, _dense(d, hidden, gated, bias, tokens))
-    e, k = moe.num_experts, getattr(moe, "top_k", 1)
-    cf = 1.0 if getattr(moe, "dropless", False) else moe.capacity_factor_train
-    expert = _dense(d, getattr(moe, "expert_ffn_size", None) or hidden, gated, bias, tokens)
+    e, k = moe.num_experts, moe.top_k
+    cf = 1.0 if moe.dropless else moe.capacity_factor_train
+    expert = _dense(d, moe.expert_hidden(hidden), gated, bias, tokens)
     routed = Part(rep=e * d, expert=e * expert.params, largest=e * expert.params + e * d,
                   act_moe=(3 * d + 2 * e + 6 * k) * tokens + cf * k * (d * tokens + expert.act_tp),
                   backward_extra=cf * k * expert.backward_extra)
     parts = [inputs, routed]
-    shared = getattr(moe, "shared_ffn_size", 0)
+    shared = moe.shared_ffn_size
     if shared:
         parts.append(_dense(d, shared, gated, bias, tokens))
-    if getattr(moe, "shared_gate", False):
+    if moe.shared_gate:
         parts.append(Part(rep=d))
     return _add(*parts)
 
@@ -142,7 +142,7 @@ def gpt_shape(cfg: GPTConfig, seq: int) -> Shape:
         attn = _attention(d, cfg.num_heads * hd, cfg.kv_heads * hd, cfg.num_heads, not cfg.llama, seq, seq,
                           cfg.attention_backend == "reference", cfg.llama)
         ffn = _ffn(cfg.moe, i, d, cfg.ffn_size, act, not cfg.llama, seq)
-        qk_norm = Part(rep=2 * hd) if getattr(cfg, "qk_norm", False) else Part()  # per-head query/key norms
+        qk_norm = Part(rep=2 * hd) if cfg.qk_norm else Part()  # per-head query/key norms
         blocks.append(_add(attn, ffn, qk_norm, _norms(2, d, not cfg.llama, seq), Part(checkpoint_input=d * seq)))
     positions = 0 if cfg.llama else cfg.max_seq_len * d
     pre = Part(tp=cfg.vocab_size * d + positions, largest=cfg.vocab_size * d, act_rep=d * seq)

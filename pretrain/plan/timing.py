@@ -30,7 +30,7 @@ import torch
 from pretrain.config import Config
 from pretrain.models.registry import family_spec
 from pretrain.plan.hardware import GB, Device
-from pretrain.plan.memory import engine_kind, stage_parts
+from pretrain.plan.memory import engine_kind, micro_batch_count, stage_parts
 from pretrain.plan.shapes import Shape
 
 PCIE_GBS = 25.0  # host <-> GPU per direction (PCIe Gen5 x16 delivers ~25 of its 32 GB/s in practice)
@@ -102,9 +102,8 @@ def timing(cfg: Config, world_size: int, per_node: int, device: Device, shape: S
            efficiency: float | None = None) -> Timing:
     """:class:`Timing` of ``cfg``'s layout; ``local_params``: parameters on the peak rank (for gradients)."""
     p, t = cfg.parallel, cfg.train
-    cp = getattr(p, "cp", 1)
     dp = world_size // (p.tp * p.pp)
-    m = t.global_batch_size // (t.micro_batch_size * (dp // cp))
+    m = micro_batch_count(cfg, dp)
     links, out = Links(device, per_node), Timing()
     peak = device.bf16_tflops * 1e12
     rate = peak * (efficiency or device.achieved) / (1 if t.precision == "bf16" else 2)
@@ -113,7 +112,7 @@ def timing(cfg: Config, world_size: int, per_node: int, device: Device, shape: S
     out.compute = flops * (1 + recomputed / 3) / world_size / rate
     out.bubble = out.compute * (p.pp - 1) / (m * p.vpp)
     act = 2 if t.precision == "bf16" else 4
-    hidden_bytes = act * t.micro_batch_size / cp * shape.loss_tokens * shape.hidden
+    hidden_bytes = act * t.micro_batch_size / p.cp * shape.loss_tokens * shape.hidden
     blocks = len(shape.blocks) / p.pp
     out.tp_comm = m * blocks * (4 + 2 * recomputed) * links.all_reduce(p.tp, hidden_bytes, p.tp)
     kind = engine_kind(cfg)

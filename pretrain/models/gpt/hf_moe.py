@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pretrain.hf.configs import QWEN2_MOE, get, need, warn_capacity
-from pretrain.hf.moe import DEEPSEEK_V3, GLM4_MOE, MIXTRAL, QWEN3_MOE, ROUTERS, check_router, expert_width
+from pretrain.hf.moe import DEEPSEEK_V3, GLM4_MOE, MIXTRAL, QWEN3_MOE, ROUTERS, check_router
 from pretrain.models.gpt.config import GPTConfig
 
 CLASSES = {MIXTRAL: "MixtralConfig", QWEN2_MOE: "Qwen2MoeConfig", QWEN3_MOE: "Qwen3MoeConfig",
@@ -52,13 +52,12 @@ def to_config(cfg: GPTConfig, arch: str, llama: dict[str, Any]) -> dict[str, Any
     need(cfg.llama, f"model.flavour={cfg.flavour}: {arch} is a Llama-style decoder; use flavour=llama")
     need(moe.enabled, f"model.moe.num_experts=0: {arch} is a mixture of experts; a dense model exports as "
                       "LlamaForCausalLM")
-    need(not cfg.sparse.enabled, f"model.sparse.pattern={cfg.sparse.pattern}: our {arch} export has dense attention")
     need(QK_NORM.get(arch, False) in (None, cfg.qk_norm),
          f"model.qk_norm={str(cfg.qk_norm).lower()}: {arch} {'never' if cfg.qk_norm else 'always'} normalises "
          "queries and keys per head")
     check_router(moe, ROUTERS[arch], cfg.ffn_size)
     warn_capacity(moe)
-    width = expert_width(moe, cfg.ffn_size)
+    width = moe.expert_hidden(cfg.ffn_size)
     common = dict(llama, num_experts_per_tok=moe.top_k, output_router_logits=False)
     if arch in (QWEN2_MOE, QWEN3_MOE):
         qwen = dict(common, moe_intermediate_size=width, num_experts=moe.num_experts,

@@ -171,12 +171,13 @@ class GPT(nn.Module):
             pos = self._positions(input_ids, position_ids, offset)
             rope = self.rope_at(pos)
         docs = DocumentMask(document_ids) if self.cfg.document_masking and document_ids is not None else None
-        mask = attention_mask_for(self.cfg.sparse, input_ids.shape[1], offset + input_ids.shape[1], causal=True,
-                                  document_ids=None if docs is None else docs.ids, device=input_ids.device, mask=mask)
         cp = None if self.factory.cp is None else self.factory.cp.forward_state(
             input_ids.shape[1], None if docs is None else docs.ids, input_ids.device, self.cfg.sparse)
-        # under context parallelism the pattern is part of cp's mask, in global positions
-        return Context(rope=rope, document_ids=docs, mask=mask if cp is None else None, cache=cache, cp=cp)
+        if cp is not None:  # under context parallelism the pattern is part of cp's mask, in global positions
+            return Context(rope=rope, document_ids=docs, mask=None, cache=cache, cp=cp)
+        mask = attention_mask_for(self.cfg.sparse, input_ids.shape[1], offset + input_ids.shape[1], causal=True,
+                                  document_ids=None if docs is None else docs.ids, device=input_ids.device, mask=mask)
+        return Context(rope=rope, document_ids=docs, mask=mask, cache=cache, cp=cp)
 
     def rope_at(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin ``[batch or 1, seq, 1, 1, head_dim]`` at positions ``pos``; dynamic NTK scaling

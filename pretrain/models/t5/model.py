@@ -39,6 +39,7 @@ from pretrain.models.moe import SwitchMLP
 from pretrain.models.output import ModelOutput, lm_output
 from pretrain.models.patterns import attention_mask_for, mask_mod
 from pretrain.models.t5.config import T5Config
+from pretrain.parallel.context import context_mask
 from pretrain.parallel.context_t5 import key_positions, keys_whole, ring_attention
 
 
@@ -198,7 +199,7 @@ class T5(nn.Module):
     def decoder_context(self, seq_len: int, attention_mask: torch.Tensor | None, encoder_out: torch.Tensor,
                         moe_aux: dict | None = None) -> T5Context:
         q_pos, k_pos, key_mask, cp = self.positions(seq_len, attention_mask, encoder_out.device)
-        mask = None if cp is None else (k_pos[None] <= q_pos[:, None])[None, None]  # causal in global positions
+        mask = None if cp is None else context_mask(q_pos, k_pos, causal=True)  # causal in global positions
         return T5Context(bias=self.decoder.position_bias(q_pos, k_pos), key_mask=key_mask, encoder_out=encoder_out,
                          mask=mask, cp=cp, moe_aux={} if moe_aux is None else moe_aux)
 
